@@ -1,0 +1,24 @@
+//! btrfsimg: build a btrfs filesystem image from a directory tree without ever
+//! writing it out. The data flows one way:
+//!
+//! source walk → [`plan::Plan`] (pure data) → [`image::Image::read_at`] → frontends
+//! ([`export`], FUSE).
+
+pub mod error;
+pub mod export;
+pub mod format;
+pub mod image;
+pub mod plan;
+pub mod source;
+
+pub use error::{Error, Result};
+pub use image::Image;
+pub use plan::Options;
+
+use std::path::Path;
+
+/// Walks `root` and plans its image.
+pub fn plan_dir(root: &Path, opts: &Options) -> Result<plan::Plan> {
+    let tree = source::walk(root, &source::WalkOptions { xattrs: true })?;
+    plan::build(tree, opts)
+}

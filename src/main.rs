@@ -1,0 +1,201 @@
+//! Command line: parse, call the library, turn errors into one line and an exit code.
+
+use btrfsimg::{export, plan, Error, Image, Options};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::{self, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "btrfsimg", version, about = "Build btrfs images from a directory tree, without writing them out")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write the image to a file or to stdout.
+    Export {
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Output file; `-` (or omitted, when stdout is not a terminal) for stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Overwrite an existing output file.
+        #[arg(short, long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Profile {
+    Dup,
+    Single,
+}
+
+#[derive(clap::Args)]
+struct ImageArgs {
+    /// Directory whose contents become the image root.
+    root: PathBuf,
+    /// Filesystem label (at most 255 bytes).
+    #[arg(short = 'L', long)]
+    label: Option<String>,
+    /// Filesystem UUID (default: derived from the content, so reproducible).
+    #[arg(short = 'U', long)]
+    uuid: Option<String>,
+    /// Force every inode's owner, as UID:GID.
+    #[arg(long)]
+    owner: Option<String>,
+    /// Seconds since the epoch for times the source does not provide
+    /// [default: $SOURCE_DATE_EPOCH, else 1].
+    #[arg(long)]
+    timestamp: Option<String>,
+    /// Exact image size (e.g. 2G); an error if the content needs more.
+    #[arg(long)]
+    size: Option<String>,
+    /// Unallocated space to add after the content (e.g. 512M).
+    #[arg(long)]
+    extra_space: Option<String>,
+    /// Tree block size in bytes.
+    #[arg(long, default_value_t = 16384)]
+    nodesize: u32,
+    /// Metadata profile.
+    #[arg(long, value_enum, default_value = "dup")]
+    metadata: Profile,
+}
+
+/// Parses sizes like `4096`, `64K`, `300M`, `2G`, `1T` (binary units; `KiB` etc. too).
+fn parse_size(what: &str, s: &str) -> Result<u64, Error> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::msg(format!("invalid {what} '{s}': expected a number with an optional K/M/G/T suffix")))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => {
+            return Err(Error::msg(format!(
+                "invalid {what} '{s}': unknown unit '{unit}' (use K, M, G or T)"
+            )))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| Error::msg(format!("invalid {what} '{s}': too large")))
+}
+
+fn parse_uuid(s: &str) -> Result<[u8; 16], Error> {
+    let hex: String = s.chars().filter(|&c| c != '-').collect();
+    let groups: Vec<usize> = s.split('-').map(|g| g.len()).collect();
+    if hex.len() != 32 || groups != [8, 4, 4, 4, 12] || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::msg(format!(
+            "invalid --uuid '{s}': expected the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+        )));
+    }
+    let mut u = [0u8; 16];
+    for (i, b) in u.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| Error::msg(format!("invalid --uuid '{s}'")))?;
+    }
+    Ok(u)
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32), Error> {
+    let bad = || Error::msg(format!("invalid --owner '{s}': expected UID:GID with numeric ids"));
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
+}
+
+fn options(a: &ImageArgs) -> Result<Options, Error> {
+    let timestamp = match &a.timestamp {
+        Some(t) => t
+            .parse::<i64>()
+            .map_err(|_| Error::msg(format!("invalid --timestamp '{t}': expected seconds since the epoch")))?,
+        None => match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(v) => v.trim().parse::<i64>().map_err(|_| {
+                Error::msg(format!("invalid SOURCE_DATE_EPOCH '{v}': expected seconds since the epoch"))
+            })?,
+            Err(_) => 1,
+        },
+    };
+    Ok(Options {
+        nodesize: a.nodesize,
+        metadata_dup: matches!(a.metadata, Profile::Dup),
+        label: a.label.clone().unwrap_or_default().into_bytes(),
+        fsid: a.uuid.as_deref().map(parse_uuid).transpose()?,
+        owner: a.owner.as_deref().map(parse_owner).transpose()?,
+        timestamp,
+        size: a.size.as_deref().map(|s| parse_size("--size", s)).transpose()?,
+        extra_space: a
+            .extra_space
+            .as_deref()
+            .map(|s| parse_size("--extra-space", s))
+            .transpose()?
+            .unwrap_or(0),
+        ..Options::default()
+    })
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.cmd {
+        Cmd::Export {
+            image,
+            output,
+            force,
+        } => {
+            let opts = options(&image)?;
+            let to_stdout = match &output {
+                Some(p) => p.as_os_str() == "-",
+                None => {
+                    if io::stdout().is_terminal() {
+                        return Err(Error::msg(
+                            "refusing to write an image to a terminal: give -o FILE or -o - with a pipe",
+                        ));
+                    }
+                    true
+                }
+            };
+            let plan = btrfsimg::plan_dir(&image.root, &opts)?;
+            log::info!(
+                "planned {} bytes, {} tree blocks, {} data extents",
+                plan.total_bytes,
+                plan.blocks.len(),
+                plan.extents.len()
+            );
+            let img = Image::new(plan);
+            if to_stdout {
+                let stdout = io::stdout();
+                let mut lock = stdout.lock();
+                match export::write_stream(&img, &mut lock) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::msg("stdout: broken pipe")),
+                    Err(e) => Err(Error::msg(format!("writing to stdout: {e}"))),
+                }
+            } else {
+                let path = output.unwrap_or_default();
+                export::write_file(&img, &path, force)
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("btrfsimg: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// Keep the plan module referenced for documentation links.
+#[allow(unused_imports)]
+use plan as _;

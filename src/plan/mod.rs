@@ -1,0 +1,541 @@
+//! Layout policy: from a source tree to a complete, immutable description of the
+//! image (every tree's items and block addresses, chunks, the region table and
+//! the superblock). Planning never opens a file; the image layer does all I/O.
+
+pub mod data;
+pub mod fs;
+pub mod items;
+pub mod pack;
+pub mod space;
+pub mod trees;
+
+use crate::error::{Error, Result};
+use crate::format::items::DevItem;
+use crate::format::superblock::{RootPtr, Superblock};
+use crate::format::*;
+use crate::source::{Kind, SourceTree};
+use data::{DataAllocator, DataExtent};
+use fs::{FsItems, InodePolicy};
+use items::ItemSource;
+use pack::{pack, Shape};
+use sha2::{Digest, Sha256};
+use space::{Chunk, Region};
+use std::sync::Arc;
+use trees::BlockInfo;
+
+/// The single transaction id stamped on everything in a fresh image.
+pub const GENERATION: u64 = 1;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodesize: u32,
+    pub metadata_dup: bool,
+    pub label: Vec<u8>,
+    /// Filesystem UUID; derived from the content when absent.
+    pub fsid: Option<[u8; 16]>,
+    pub owner: Option<(u32, u32)>,
+    /// Seconds since the epoch for times the source does not provide (otime).
+    pub timestamp: i64,
+    /// Exact image size; an error if the content needs more.
+    pub size: Option<u64>,
+    /// Unallocated space added after the last chunk.
+    pub extra_space: u64,
+    pub max_inline: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodesize: 16384,
+            metadata_dup: true,
+            label: Vec::new(),
+            fsid: None,
+            owner: None,
+            timestamp: 1,
+            size: None,
+            extra_space: 0,
+            max_inline: 2048,
+        }
+    }
+}
+
+/// Tree indexes in `Plan::trees`, in the order their blocks are allocated.
+pub const T_FS: usize = 0;
+pub const T_CSUM: usize = 1;
+pub const T_EXTENT: usize = 2;
+pub const T_FST: usize = 3;
+pub const T_DEV: usize = 4;
+pub const T_UUID: usize = 5;
+pub const T_RELOC: usize = 6;
+pub const T_ROOT: usize = 7;
+pub const T_CHUNK: usize = 8;
+const OWNERS: [u64; 9] = [
+    FS_TREE,
+    CSUM_TREE,
+    EXTENT_TREE,
+    FREE_SPACE_TREE,
+    DEV_TREE,
+    UUID_TREE,
+    DATA_RELOC_TREE,
+    ROOT_TREE,
+    CHUNK_TREE,
+];
+
+pub struct TreePlan {
+    pub owner: u64,
+    pub items: Box<dyn ItemSource>,
+    pub shape: Shape,
+    /// `addrs[level][i]`: logical address of block `i` of that level.
+    pub addrs: Vec<Vec<u64>>,
+}
+
+impl TreePlan {
+    pub fn root(&self) -> RootPtr {
+        RootPtr {
+            bytenr: self.addrs.last().and_then(|l| l.first()).copied().unwrap_or(0),
+            level: self.shape.root_level(),
+        }
+    }
+}
+
+/// Which tree block lives at a logical address.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockRef {
+    pub logical: u64,
+    pub tree: u8,
+    pub level: u8,
+    pub idx: u32,
+}
+
+pub struct Plan {
+    pub nodesize: u32,
+    pub generation: u64,
+    pub fsid: [u8; 16],
+    pub chunk_tree_uuid: [u8; 16],
+    pub source: Arc<SourceTree>,
+    pub extents: Arc<Vec<DataExtent>>,
+    pub trees: Vec<TreePlan>,
+    /// Every tree block, sorted by logical address.
+    pub blocks: Vec<BlockRef>,
+    pub chunks: Vec<Chunk>,
+    pub regions: Vec<Region>,
+    pub superblock: Superblock,
+    pub total_bytes: u64,
+    /// Logical start of the data area; data sector `i` is at `data_start + i * 4096`.
+    pub data_start: u64,
+    pub data_sectors: u64,
+}
+
+fn derive_uuid(parts: &[&[u8]]) -> [u8; 16] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    let d = h.finalize();
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&d[..16]);
+    // RFC 9562 version 8 (custom), variant 10.
+    u[6] = (u[6] & 0x0f) | 0x80;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    u
+}
+
+/// A filesystem UUID that depends only on the tree's content and the options.
+fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(b"btrfsimg fsid v1");
+    h.update(&opts.label);
+    h.update(opts.nodesize.to_le_bytes());
+    h.update([opts.metadata_dup as u8]);
+    h.update(opts.timestamp.to_le_bytes());
+    if let Some((u, g)) = opts.owner {
+        h.update(u.to_le_bytes());
+        h.update(g.to_le_bytes());
+    }
+    for i in 0..tree.len() as u32 {
+        let n = tree.node(i);
+        h.update(n.parent.to_le_bytes());
+        h.update((tree.name(i).len() as u32).to_le_bytes());
+        h.update(tree.name(i));
+        h.update(n.mode.to_le_bytes());
+        h.update(n.uid.to_le_bytes());
+        h.update(n.gid.to_le_bytes());
+        h.update(n.mtime.sec.to_le_bytes());
+        h.update(n.mtime.nsec.to_le_bytes());
+        h.update(n.size.to_le_bytes());
+        h.update(n.rdev.to_le_bytes());
+        h.update(n.link_rep.to_le_bytes());
+        if n.kind == Kind::Symlink {
+            h.update(tree.link_target(i));
+        }
+    }
+    derive_uuid(&[&h.finalize()[..]])
+}
+
+fn validate(tree: &SourceTree, opts: &Options) -> Result<()> {
+    if !opts.nodesize.is_power_of_two() || !(4096..=65536).contains(&opts.nodesize) {
+        return Err(Error::msg(format!(
+            "invalid node size {}: must be a power of two from 4096 to 65536",
+            opts.nodesize
+        )));
+    }
+    if opts.label.len() > 255 {
+        return Err(Error::msg(format!(
+            "label is {} bytes long; at most 255 are allowed",
+            opts.label.len()
+        )));
+    }
+    let max_item = max_item_size(opts.nodesize);
+    let max_inline_data = (SECTOR_SIZE as usize - 1).min(max_item - FILE_EXTENT_INLINE_HEADER);
+    for i in 0..tree.len() as u32 {
+        let n = tree.node(i);
+        if n.kind == Kind::Symlink && (n.size == 0 || n.size as usize > max_inline_data) {
+            return Err(Error::at(
+                &tree.path(i),
+                format!(
+                    "symlink target of {} bytes does not fit (1 to {} bytes)",
+                    n.size, max_inline_data
+                ),
+            ));
+        }
+        for (name, value) in tree.xattrs(i) {
+            if name.len() > 255 || DIR_ITEM_HEADER + name.len() + value.len() > max_item {
+                return Err(Error::at(
+                    &tree.path(i),
+                    format!(
+                        "extended attribute {} of {} bytes is too large for a {}-byte node",
+                        String::from_utf8_lossy(name),
+                        value.len(),
+                        opts.nodesize
+                    ),
+                ));
+            }
+        }
+        if n.kind == Kind::Dir && n.nchildren as u64 > u32::MAX as u64 - 3 {
+            return Err(Error::at(&tree.path(i), "too many directory entries"));
+        }
+    }
+    Ok(())
+}
+
+/// Metadata headroom so the image, at its exact size, can be mounted read-write
+/// and take a few writes: the kernel's global block reserve (the larger of the
+/// extent, csum and free-space trees' size and 13 "insert units") plus room for
+/// a first transaction.
+fn metadata_slack(nodesize: u32, self_trees_blocks: u64) -> u64 {
+    let unit = nodesize as u64 * MAX_LEVEL as u64 * 2;
+    let global = (self_trees_blocks * nodesize as u64).max(13 * unit);
+    global + 16 * unit
+}
+
+pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
+    validate(&source, opts)?;
+    let nodesize = opts.nodesize;
+    let n64 = nodesize as u64;
+    let g = GENERATION;
+    let time = Timespec {
+        sec: opts.timestamp,
+        nsec: 0,
+    };
+    let fsid = match opts.fsid {
+        Some(u) => u,
+        None => content_uuid(&source, opts),
+    };
+    let chunk_tree_uuid = derive_uuid(&[&fsid, b"chunk tree"]);
+    let dev_uuid = derive_uuid(&[&fsid, b"device"]);
+    let fs_uuid = derive_uuid(&[&fsid, b"fs tree"]);
+    let tree = Arc::new(source);
+
+    // Inodes and data placement.
+    let mut fs = FsItems::new(
+        tree.clone(),
+        InodePolicy {
+            generation: g,
+            owner: opts.owner,
+            otime: time,
+            max_inline: opts.max_inline,
+        },
+        nodesize,
+    );
+    let copies = if opts.metadata_dup { 2 } else { 1 };
+    let data_start = space::SYSTEM_START + space::SYSTEM_LEN * copies;
+    let mut alloc = DataAllocator::new(
+        data_start,
+        space::DATA_CHUNK_MAX,
+        space::data_exclusions(data_start),
+    );
+    let mut per_inode = vec![(0u32, 0u32); fs.inodes.len()];
+    for (i, inode) in fs.inodes.iter().enumerate() {
+        if tree.node(inode.node).kind == Kind::File && !inode.inline {
+            per_inode[i] = alloc.place(inode.node, &tree.segments(inode.node));
+        }
+    }
+    let data_end = alloc.pos;
+    let extents = Arc::new(std::mem::take(&mut alloc.extents));
+    let ext_ino: Vec<u64> = extents
+        .iter()
+        .map(|e| fs.ino(fs.node_ino[e.node as usize]))
+        .collect();
+    fs.set_extents(extents.clone(), &per_inode);
+    let data_chunks = space::data_chunks(data_start, data_end, &extents);
+    let meta_ty = BLOCK_GROUP_METADATA | if opts.metadata_dup { BLOCK_GROUP_DUP } else { 0 };
+    let sys_ty = BLOCK_GROUP_SYSTEM | if opts.metadata_dup { BLOCK_GROUP_DUP } else { 0 };
+    let system = Chunk {
+        logical: space::SYSTEM_START,
+        length: space::SYSTEM_LEN,
+        ty: sys_ty,
+        stripes: (0..copies)
+            .map(|i| space::SYSTEM_START + i * space::SYSTEM_LEN)
+            .collect(),
+        used: 0,
+    };
+    let meta_start = data_chunks.last().map(|c| c.end()).unwrap_or(data_start);
+
+    // Trees whose shape does not depend on addresses.
+    let fs_shape = pack(&fs, nodesize);
+    let csum = trees::csum_tree(&extents, &data_chunks, nodesize);
+    let csum_shape = pack(&csum, nodesize);
+    let placeholder_chunks: Vec<Chunk> = std::iter::once(system.clone())
+        .chain(data_chunks.iter().cloned())
+        .chain(std::iter::once(space::metadata_chunk(
+            meta_start, n64, opts.metadata_dup, meta_ty,
+        )))
+        .collect();
+    let fixed_shape = |items: &dyn ItemSource| pack(items, nodesize);
+    let chunk_shape = fixed_shape(&trees::chunk_tree(DevItem::default(), &placeholder_chunks));
+    let dev_shape = fixed_shape(&trees::dev_tree(&placeholder_chunks, chunk_tree_uuid));
+    let uuid_items = trees::uuid_tree(fs_uuid);
+    let uuid_shape = fixed_shape(&uuid_items);
+    let reloc_items = trees::reloc_tree(g, time);
+    let reloc_shape = fixed_shape(&reloc_items);
+    let root_input = |infos: &[trees::RootInfo; 9]| trees::RootTreeInput {
+        generation: g,
+        nodesize,
+        time,
+        fs_uuid,
+        extent: infos[T_EXTENT],
+        dev: infos[T_DEV],
+        fs: infos[T_FS],
+        csum: infos[T_CSUM],
+        uuid: infos[T_UUID],
+        free_space: infos[T_FST],
+        reloc: infos[T_RELOC],
+    };
+    let root_shape = fixed_shape(&trees::root_tree(&root_input(&Default::default())));
+
+    // Fixed point: the extent and free-space trees describe all blocks, their own too.
+    let mut ext_shape = Shape {
+        levels: vec![vec![0]],
+        items: 0,
+    };
+    let mut fst_shape = ext_shape.clone();
+    for _ in 0..64 {
+        let shapes: [&Shape; 9] = [
+            &fs_shape,
+            &csum_shape,
+            &ext_shape,
+            &fst_shape,
+            &dev_shape,
+            &uuid_shape,
+            &reloc_shape,
+            &root_shape,
+            &chunk_shape,
+        ];
+        let meta_blocks: u64 = shapes[..T_CHUNK].iter().map(|s| s.blocks() as u64).sum();
+        let self_blocks = (ext_shape.blocks() + csum_shape.blocks() + fst_shape.blocks()) as u64;
+        let slack = metadata_slack(nodesize, self_blocks);
+        let mut meta = space::metadata_chunk(
+            meta_start,
+            meta_blocks * n64 + slack,
+            opts.metadata_dup,
+            meta_ty,
+        );
+        meta.used = meta_blocks * n64;
+        let mut sys = system.clone();
+        sys.used = chunk_shape.blocks() as u64 * n64;
+        if sys.used > sys.length {
+            return Err(Error::msg("too many chunks for the system chunk"));
+        }
+
+        // Addresses: each tree's leaves first, then each node level, root last.
+        let mut addrs: Vec<Vec<Vec<u64>>> = Vec::with_capacity(9);
+        let mut slots = space::block_slots(&meta, n64);
+        let mut sys_slots = space::block_slots(&sys, n64);
+        let mut blocks = Vec::new();
+        for (t, s) in shapes.iter().enumerate() {
+            let mut per_level = Vec::new();
+            for (level, l) in s.levels.iter().enumerate() {
+                let mut v = Vec::with_capacity(l.len());
+                for _ in 0..l.len() {
+                    let a = if t == T_CHUNK {
+                        sys_slots.next()
+                    } else {
+                        slots.next()
+                    }
+                    .ok_or_else(|| Error::msg("internal error: metadata chunk too small"))?;
+                    v.push(a);
+                    blocks.push(BlockInfo {
+                        logical: a,
+                        level: level as u8,
+                        owner: OWNERS[t],
+                    });
+                }
+                per_level.push(v);
+            }
+            addrs.push(per_level);
+        }
+        let chunks: Vec<Chunk> = std::iter::once(sys)
+            .chain(data_chunks.iter().cloned())
+            .chain(std::iter::once(meta))
+            .collect();
+
+        let ext_items = trees::extent_tree(&blocks, &extents, &ext_ino, &chunks);
+        let fst_items = trees::free_space_tree(&blocks, &extents, &chunks, nodesize);
+        let new_ext = pack(&ext_items, nodesize);
+        let new_fst = pack(&fst_items, nodesize);
+        if new_ext != ext_shape || new_fst != fst_shape {
+            ext_shape = new_ext;
+            fst_shape = new_fst;
+            continue;
+        }
+
+        // Converged: fill in the trees whose items depend on the final layout.
+        let meta = chunks.last().cloned().unwrap_or_else(|| system.clone());
+        let layout_end = meta.stripes.last().copied().unwrap_or(0) + meta.length;
+        let min_total = layout_end + space::round_up(opts.extra_space, SECTOR_SIZE);
+        let total_bytes = match opts.size {
+            Some(s) if s < min_total => {
+                return Err(Error::msg(format!(
+                    "--size {} is too small: the content needs {} bytes",
+                    s, min_total
+                )))
+            }
+            Some(s) => s / SECTOR_SIZE * SECTOR_SIZE,
+            None => min_total,
+        };
+        let dev_item = DevItem {
+            devid: 1,
+            total_bytes,
+            bytes_used: chunks.iter().map(|c| c.length * c.stripes.len() as u64).sum(),
+            sector_size: SECTOR_SIZE as u32,
+            uuid: dev_uuid,
+            fsid,
+        };
+        let infos: [trees::RootInfo; 9] = std::array::from_fn(|t| trees::RootInfo {
+            bytenr: *addrs[t].last().and_then(|l| l.first()).unwrap_or(&0),
+            level: shapes[t].root_level(),
+            blocks: shapes[t].blocks() as u64,
+        });
+        let chunk_items = trees::chunk_tree(dev_item, &chunks);
+        let dev_items = trees::dev_tree(&chunks, chunk_tree_uuid);
+        let root_items = trees::root_tree(&root_input(&infos));
+        debug_assert_eq!(pack(&chunk_items, nodesize), chunk_shape);
+        debug_assert_eq!(pack(&dev_items, nodesize), dev_shape);
+        debug_assert_eq!(pack(&root_items, nodesize), root_shape);
+
+        let shapes_owned = [
+            fs_shape.clone(),
+            csum_shape.clone(),
+            ext_shape.clone(),
+            fst_shape.clone(),
+            dev_shape.clone(),
+            uuid_shape.clone(),
+            reloc_shape.clone(),
+            root_shape.clone(),
+            chunk_shape.clone(),
+        ];
+        let sources: [Box<dyn ItemSource>; 9] = [
+            Box::new(fs),
+            Box::new(csum),
+            Box::new(ext_items),
+            Box::new(fst_items),
+            Box::new(dev_items),
+            Box::new(uuid_items),
+            Box::new(reloc_items),
+            Box::new(root_items),
+            Box::new(chunk_items),
+        ];
+        let trees: Vec<TreePlan> = sources
+            .into_iter()
+            .zip(shapes_owned)
+            .zip(addrs)
+            .enumerate()
+            .map(|(t, ((items, shape), addrs))| TreePlan {
+                owner: OWNERS[t],
+                items,
+                shape,
+                addrs,
+            })
+            .collect();
+        let mut block_refs: Vec<BlockRef> = trees
+            .iter()
+            .enumerate()
+            .flat_map(|(t, tp)| {
+                tp.addrs.iter().enumerate().flat_map(move |(level, l)| {
+                    l.iter().enumerate().map(move |(idx, &logical)| BlockRef {
+                        logical,
+                        tree: t as u8,
+                        level: level as u8,
+                        idx: idx as u32,
+                    })
+                })
+            })
+            .collect();
+        block_refs.sort_by_key(|b| b.logical);
+
+        let bytes_used = chunks.iter().map(|c| c.used).sum();
+        let sys_chunks = chunks
+            .iter()
+            .filter(|c| c.ty & BLOCK_GROUP_SYSTEM != 0)
+            .map(|c| (c.logical, trees::chunk_item(c, dev_uuid)))
+            .collect();
+        let superblock = Superblock {
+            fsid,
+            generation: g,
+            root: trees[T_ROOT].root(),
+            chunk_root: trees[T_CHUNK].root(),
+            extent_root: trees[T_EXTENT].root(),
+            fs_root: trees[T_FS].root(),
+            dev_root: trees[T_DEV].root(),
+            csum_root: trees[T_CSUM].root(),
+            total_bytes,
+            bytes_used,
+            sectorsize: SECTOR_SIZE as u32,
+            nodesize,
+            compat_ro_flags: COMPAT_RO_FREE_SPACE_TREE | COMPAT_RO_FREE_SPACE_TREE_VALID,
+            incompat_flags: INCOMPAT_MIXED_BACKREF
+                | INCOMPAT_EXTENDED_IREF
+                | INCOMPAT_SKINNY_METADATA
+                | INCOMPAT_NO_HOLES
+                | if nodesize as u64 > 4096 {
+                    INCOMPAT_BIG_METADATA
+                } else {
+                    0
+                },
+            dev_item,
+            label: opts.label.clone(),
+            sys_chunks,
+        };
+        let regions = space::regions(&chunks, total_bytes);
+        return Ok(Plan {
+            nodesize,
+            generation: g,
+            fsid,
+            chunk_tree_uuid,
+            source: tree,
+            extents,
+            trees,
+            blocks: block_refs,
+            chunks,
+            regions,
+            superblock,
+            total_bytes,
+            data_start,
+            data_sectors: (data_end - data_start) / SECTOR_SIZE,
+        });
+    }
+    Err(Error::msg(
+        "internal error: metadata layout did not converge",
+    ))
+}

@@ -1,0 +1,239 @@
+//! Chunks, where their stripes sit on the device, and the ranges that
+//! superblock mirrors take out of them.
+//!
+//! Physical order is: reserved first MiB (primary superblock), SYSTEM chunk, DATA
+//! chunks, METADATA chunk. Data comes before metadata so that a sequential reader
+//! has served (and checksummed) every data sector before it reaches the csum tree.
+
+use super::data::Excluded;
+use crate::format::{SECTOR_SIZE, STRIPE_LEN, SUPER_INFO_SIZE, SUPER_OFFSETS};
+
+pub const MIB: u64 = 1 << 20;
+/// SYSTEM chunk: logical = physical 1 MiB.
+pub const SYSTEM_START: u64 = MIB;
+pub const SYSTEM_LEN: u64 = MIB;
+/// Largest DATA chunk (what the kernel allocates on a large device).
+pub const DATA_CHUNK_MAX: u64 = 1 << 30;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub logical: u64,
+    pub length: u64,
+    /// Block group type flags (DATA / SYSTEM / METADATA, optionally DUP).
+    pub ty: u64,
+    /// Physical start of each stripe.
+    pub stripes: Vec<u64>,
+    /// Bytes allocated to extents or tree blocks (block group `used`).
+    pub used: u64,
+}
+
+impl Chunk {
+    pub fn end(&self) -> u64 {
+        self.logical + self.length
+    }
+
+    /// Logical ranges that map onto a superblock mirror through any stripe.
+    pub fn excluded(&self) -> Vec<Excluded> {
+        let mut out = Vec::new();
+        for &s in &self.stripes {
+            for &p in &SUPER_OFFSETS[1..] {
+                if p >= s && p < s + self.length {
+                    let rel = (p - s) / STRIPE_LEN * STRIPE_LEN;
+                    out.push(Excluded {
+                        start: self.logical + rel,
+                        len: STRIPE_LEN.min(self.length - rel),
+                    });
+                }
+            }
+        }
+        out.sort_by_key(|x| x.start);
+        out.dedup();
+        out
+    }
+}
+
+pub fn round_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+/// Logical ranges excluded from data placement, for an identity-mapped data area.
+pub fn data_exclusions(start: u64) -> Vec<Excluded> {
+    SUPER_OFFSETS[1..]
+        .iter()
+        .filter(|&&p| p >= start)
+        .map(|&p| Excluded {
+            start: p,
+            len: STRIPE_LEN,
+        })
+        .collect()
+}
+
+/// Cuts the used data area `[start, end)` into DATA chunks of at most
+/// `DATA_CHUNK_MAX`, the last one rounded up to 64 KiB.
+pub fn data_chunks(start: u64, end: u64, extents: &[super::data::DataExtent]) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut s = start;
+    let end = round_up(end, STRIPE_LEN);
+    let mut e_idx = 0;
+    while s < end {
+        let len = (end - s).min(DATA_CHUNK_MAX);
+        let mut used = 0;
+        while e_idx < extents.len() && extents[e_idx].logical < s + len {
+            used += extents[e_idx].len;
+            e_idx += 1;
+        }
+        chunks.push(Chunk {
+            logical: s,
+            length: len,
+            ty: crate::format::BLOCK_GROUP_DATA,
+            stripes: vec![s],
+            used,
+        });
+        s += len;
+    }
+    chunks
+}
+
+/// Lays out the METADATA chunk at physical (= logical) `start` so that `need`
+/// bytes of tree blocks fit around the excluded mirror ranges.
+pub fn metadata_chunk(start: u64, need: u64, dup: bool, ty: u64) -> Chunk {
+    let mut length = round_up(need.max(STRIPE_LEN), STRIPE_LEN);
+    loop {
+        let stripes = if dup {
+            vec![start, start + length]
+        } else {
+            vec![start]
+        };
+        let c = Chunk {
+            logical: start,
+            length,
+            ty,
+            stripes,
+            used: 0,
+        };
+        let lost: u64 = c.excluded().iter().map(|x| x.len).sum();
+        if length - lost >= need {
+            return c;
+        }
+        length += STRIPE_LEN;
+    }
+}
+
+/// Iterates over node-sized, node-aligned slots of a chunk, skipping excluded ranges.
+pub fn block_slots(chunk: &Chunk, nodesize: u64) -> impl Iterator<Item = u64> {
+    let excl = chunk.excluded();
+    let logical = chunk.logical;
+    (0..chunk.length / nodesize)
+        .map(move |i| logical + i * nodesize)
+        .filter(move |a| !excl.iter().any(|x| *a < x.start + x.len && x.start < *a + nodesize))
+}
+
+/// What fills a physical range of the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Superblock copy `i` (0 primary, 1-2 mirrors).
+    Super(u8),
+    /// Tree blocks; the region's first byte is at this logical address.
+    Metadata { logical: u64 },
+    /// File data; the region's first byte is at this logical address.
+    Data { logical: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub len: u64,
+    pub kind: RegionKind,
+}
+
+impl Region {
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// The sorted, non-overlapping region table. Superblock copies cut holes into
+/// the stripes that contain them (their logical range is excluded anyway).
+pub fn regions(chunks: &[Chunk], total_bytes: u64) -> Vec<Region> {
+    let supers: Vec<Region> = SUPER_OFFSETS
+        .iter()
+        .enumerate()
+        .filter(|(_, &o)| o + SUPER_INFO_SIZE as u64 <= total_bytes)
+        .map(|(i, &o)| Region {
+            start: o,
+            len: SUPER_INFO_SIZE as u64,
+            kind: RegionKind::Super(i as u8),
+        })
+        .collect();
+    let mut out = supers.clone();
+    for c in chunks {
+        for &s in &c.stripes {
+            let mut pieces = vec![(s, s + c.length)];
+            for sb in &supers {
+                pieces = pieces
+                    .into_iter()
+                    .flat_map(|(a, b)| {
+                        if sb.start < b && a < sb.end() {
+                            vec![(a, sb.start), (sb.end(), b)]
+                        } else {
+                            vec![(a, b)]
+                        }
+                    })
+                    .filter(|(a, b)| a < b)
+                    .collect();
+            }
+            for (a, b) in pieces {
+                let logical = c.logical + (a - s);
+                let kind = if c.ty & crate::format::BLOCK_GROUP_DATA != 0 {
+                    RegionKind::Data { logical }
+                } else {
+                    RegionKind::Metadata { logical }
+                };
+                out.push(Region {
+                    start: a,
+                    len: b - a,
+                    kind,
+                });
+            }
+        }
+    }
+    out.sort_by_key(|r| r.start);
+    debug_assert!(out.windows(2).all(|w| w[0].end() <= w[1].start));
+    debug_assert!(out.iter().all(|r| r.start % SECTOR_SIZE == 0 || r.len > 0));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dup_metadata_skips_mirror_in_second_stripe() {
+        let c = metadata_chunk(40 * MIB, 20 * MIB, true, 0x24);
+        // Stripe 1 covers [40+L, 40+2L) which contains 64 MiB.
+        let ex = c.excluded();
+        assert_eq!(ex.len(), 1);
+        assert!(c.length - 65536 >= 20 * MIB);
+        assert_eq!(block_slots(&c, 16384).count() as u64, (c.length - 65536) / 16384);
+    }
+
+    #[test]
+    fn regions_cut_around_supers() {
+        let c = Chunk {
+            logical: 3 * MIB,
+            length: 100 * MIB,
+            ty: 1,
+            stripes: vec![3 * MIB],
+            used: 0,
+        };
+        let r = regions(&[c], 200 * MIB);
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[2].kind, RegionKind::Super(1));
+        assert_eq!(
+            r[3].kind,
+            RegionKind::Data {
+                logical: 64 * MIB + 4096
+            }
+        );
+    }
+}

@@ -1,0 +1,352 @@
+//! Items of the trees that describe the filesystem itself: chunk, dev, root,
+//! uuid, data-reloc, extent and free-space trees. All are derived from the chunk
+//! layout and the block addresses; none depends on file contents.
+
+use super::data::DataExtent;
+use super::items::{Body, Item, ItemSource, VecItems};
+use super::space::Chunk;
+use crate::format::hash::name_hash;
+use crate::format::items::{ChunkItem, DevExtent, DevItem, InodeItem, RootItem, Stripe};
+use crate::format::*;
+
+/// One tree block as the extent and free-space trees see it.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockInfo {
+    pub logical: u64,
+    pub level: u8,
+    pub owner: u64,
+}
+
+pub fn chunk_item(c: &Chunk, dev_uuid: [u8; 16]) -> ChunkItem {
+    ChunkItem {
+        length: c.length,
+        ty: c.ty,
+        sector_size: SECTOR_SIZE as u32,
+        stripes: c
+            .stripes
+            .iter()
+            .map(|&offset| Stripe {
+                devid: 1,
+                offset,
+                dev_uuid,
+            })
+            .collect(),
+    }
+}
+
+pub fn chunk_tree(dev: DevItem, chunks: &[Chunk]) -> VecItems {
+    let mut v = vec![Item {
+        key: Key::new(DEV_ITEMS_OBJECTID, DEV_ITEM_KEY, 1),
+        body: Body::Dev(dev),
+    }];
+    let mut sorted: Vec<&Chunk> = chunks.iter().collect();
+    sorted.sort_by_key(|c| c.logical);
+    for c in sorted {
+        v.push(Item {
+            key: Key::new(FIRST_CHUNK_TREE_OBJECTID, CHUNK_ITEM_KEY, c.logical),
+            body: Body::Chunk(chunk_item(c, dev.uuid)),
+        });
+    }
+    VecItems(v)
+}
+
+pub fn dev_tree(chunks: &[Chunk], chunk_tree_uuid: [u8; 16]) -> VecItems {
+    let mut ext: Vec<(u64, DevExtent)> = chunks
+        .iter()
+        .flat_map(|c| {
+            c.stripes.iter().map(move |&p| {
+                (
+                    p,
+                    DevExtent {
+                        chunk_offset: c.logical,
+                        length: c.length,
+                        chunk_tree_uuid,
+                    },
+                )
+            })
+        })
+        .collect();
+    ext.sort_by_key(|e| e.0);
+    let mut v = vec![Item {
+        key: Key::new(DEV_STATS_OBJECTID, PERSISTENT_ITEM_KEY, 1),
+        body: Body::DevStats,
+    }];
+    v.extend(ext.into_iter().map(|(p, d)| Item {
+        key: Key::new(1, DEV_EXTENT_KEY, p),
+        body: Body::DevExtent(d),
+    }));
+    VecItems(v)
+}
+
+pub fn uuid_tree(fs_uuid: [u8; 16]) -> VecItems {
+    let lo = u64::from_le_bytes(fs_uuid[0..8].try_into().unwrap_or([0; 8]));
+    let hi = u64::from_le_bytes(fs_uuid[8..16].try_into().unwrap_or([0; 8]));
+    VecItems(vec![Item {
+        key: Key::new(lo, UUID_KEY_SUBVOL, hi),
+        body: Body::Uuid(FS_TREE),
+    }])
+}
+
+fn empty_dir_inode(generation: u64, time: Timespec) -> InodeItem {
+    InodeItem {
+        generation,
+        transid: generation,
+        nlink: 1,
+        mode: 0o40755,
+        atime: time,
+        ctime: time,
+        mtime: time,
+        otime: time,
+        ..Default::default()
+    }
+}
+
+pub fn reloc_tree(generation: u64, time: Timespec) -> VecItems {
+    VecItems(vec![
+        Item {
+            key: Key::new(FIRST_FREE_OBJECTID, INODE_ITEM_KEY, 0),
+            body: Body::Inode(empty_dir_inode(generation, time)),
+        },
+        Item {
+            key: Key::new(FIRST_FREE_OBJECTID, INODE_REF_KEY, FIRST_FREE_OBJECTID),
+            body: Body::InodeRef(vec![(0, b"..")]),
+        },
+    ])
+}
+
+/// Where a tree's root block is, for its ROOT_ITEM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RootInfo {
+    pub bytenr: u64,
+    pub level: u8,
+    pub blocks: u64,
+}
+
+pub struct RootTreeInput {
+    pub generation: u64,
+    pub nodesize: u32,
+    pub time: Timespec,
+    pub fs_uuid: [u8; 16],
+    pub extent: RootInfo,
+    pub dev: RootInfo,
+    pub fs: RootInfo,
+    pub csum: RootInfo,
+    pub uuid: RootInfo,
+    pub free_space: RootInfo,
+    pub reloc: RootInfo,
+}
+
+pub fn root_tree(r: &RootTreeInput) -> VecItems {
+    let g = r.generation;
+    // The embedded inode mkfs and the kernel write for tree roots.
+    let embedded = InodeItem {
+        generation: 1,
+        size: 3,
+        nlink: 1,
+        nbytes: r.nodesize as u64,
+        mode: 0o40755,
+        ..Default::default()
+    };
+    let root = |info: RootInfo, dirid: u64| RootItem {
+        inode: embedded,
+        generation: g,
+        root_dirid: dirid,
+        bytenr: info.bytenr,
+        bytes_used: info.blocks * r.nodesize as u64,
+        refs: 1,
+        level: info.level,
+        ..Default::default()
+    };
+    let item = |id: u64, ri: RootItem| Item {
+        key: Key::new(id, ROOT_ITEM_KEY, 0),
+        body: Body::Root(ri),
+    };
+    let fs_root = RootItem {
+        uuid: r.fs_uuid,
+        ctransid: g,
+        otransid: g,
+        ctime: r.time,
+        otime: r.time,
+        ..root(r.fs, FIRST_FREE_OBJECTID)
+    };
+    VecItems(vec![
+        item(EXTENT_TREE, root(r.extent, 0)),
+        item(DEV_TREE, root(r.dev, 0)),
+        Item {
+            key: Key::new(FS_TREE, INODE_REF_KEY, ROOT_TREE_DIR),
+            body: Body::InodeRef(vec![(0, b"default")]),
+        },
+        item(FS_TREE, fs_root),
+        Item {
+            key: Key::new(ROOT_TREE_DIR, INODE_ITEM_KEY, 0),
+            body: Body::Inode(empty_dir_inode(g, r.time)),
+        },
+        Item {
+            key: Key::new(ROOT_TREE_DIR, INODE_REF_KEY, ROOT_TREE_DIR),
+            body: Body::InodeRef(vec![(0, b"..")]),
+        },
+        Item {
+            key: Key::new(ROOT_TREE_DIR, DIR_ITEM_KEY, name_hash(b"default")),
+            body: Body::Dir(vec![super::items::DirEntry {
+                location: Key::new(FS_TREE, ROOT_ITEM_KEY, u64::MAX),
+                ftype: FT_DIR,
+                name: b"default",
+            }]),
+        },
+        item(CSUM_TREE, root(r.csum, 0)),
+        item(UUID_TREE, root(r.uuid, 0)),
+        item(FREE_SPACE_TREE, root(r.free_space, 0)),
+        item(DATA_RELOC_TREE, root(r.reloc, FIRST_FREE_OBJECTID)),
+    ])
+}
+
+/// Checksum items: maximal runs of adjacent data extents, cut at chunk ends and
+/// at the kernel's per-item limit.
+pub fn csum_tree(extents: &[DataExtent], chunks: &[Chunk], nodesize: u32) -> VecItems {
+    let max = max_csums_per_item(nodesize) as u64 * SECTOR_SIZE;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let chunk_of = |l: u64| chunks.iter().position(|c| c.logical <= l && l < c.end());
+    for e in extents {
+        match runs.last_mut() {
+            Some((s, len)) if *s + *len == e.logical && chunk_of(*s) == chunk_of(e.logical) => {
+                *len += e.len
+            }
+            _ => runs.push((e.logical, e.len)),
+        }
+    }
+    let mut v = Vec::new();
+    for (mut s, mut len) in runs {
+        while len > 0 {
+            let n = len.min(max);
+            v.push(Item {
+                key: Key::new(EXTENT_CSUM_OBJECTID, EXTENT_CSUM_KEY, s),
+                body: Body::Csum {
+                    start: s,
+                    count: (n / SECTOR_SIZE) as u32,
+                },
+            });
+            s += n;
+            len -= n;
+        }
+    }
+    VecItems(v)
+}
+
+/// An extent-tree record, kept small because there is one per block and per extent.
+#[derive(Clone, Copy, Debug)]
+pub enum ExtentRec {
+    Block { logical: u64, level: u8, owner: u64 },
+    Data { logical: u64, len: u64, ino: u64, offset: u64 },
+    Group { start: u64, len: u64, used: u64, flags: u64 },
+}
+
+impl ExtentRec {
+    fn key(&self) -> Key {
+        match *self {
+            ExtentRec::Block { logical, level, .. } => {
+                Key::new(logical, METADATA_ITEM_KEY, level as u64)
+            }
+            ExtentRec::Data { logical, len, .. } => Key::new(logical, EXTENT_ITEM_KEY, len),
+            ExtentRec::Group { start, len, .. } => Key::new(start, BLOCK_GROUP_ITEM_KEY, len),
+        }
+    }
+
+    fn item(&self) -> Item<'static> {
+        let body = match *self {
+            ExtentRec::Block { owner, .. } => Body::MetadataExtent { owner },
+            ExtentRec::Data { ino, offset, .. } => Body::DataExtent { ino, offset },
+            ExtentRec::Group { used, flags, .. } => Body::BlockGroup { used, flags },
+        };
+        Item {
+            key: self.key(),
+            body,
+        }
+    }
+}
+
+pub struct ExtentItems(pub Vec<ExtentRec>);
+
+impl ItemSource for ExtentItems {
+    fn count(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn iter_from(&self, start: u64) -> Box<dyn Iterator<Item = Item<'_>> + '_> {
+        Box::new(self.0[start as usize..].iter().map(|r| r.item()))
+    }
+}
+
+/// `ext_ino[i]` is the inode number owning data extent `i`.
+pub fn extent_tree(
+    blocks: &[BlockInfo],
+    extents: &[DataExtent],
+    ext_ino: &[u64],
+    chunks: &[Chunk],
+) -> ExtentItems {
+    let mut v: Vec<ExtentRec> = Vec::with_capacity(blocks.len() + extents.len() + chunks.len());
+    v.extend(blocks.iter().map(|b| ExtentRec::Block {
+        logical: b.logical,
+        level: b.level,
+        owner: b.owner,
+    }));
+    v.extend(extents.iter().zip(ext_ino).map(|(e, &ino)| ExtentRec::Data {
+        logical: e.logical,
+        len: e.len,
+        ino,
+        offset: e.file_offset,
+    }));
+    v.extend(chunks.iter().map(|c| ExtentRec::Group {
+        start: c.logical,
+        len: c.length,
+        used: c.used,
+        flags: c.ty,
+    }));
+    v.sort_by_key(|r| r.key());
+    ExtentItems(v)
+}
+
+/// Free-space tree: for every block group, the maximal ranges not covered by a
+/// tree block or data extent. Mirror-excluded ranges are listed as free, as the
+/// kernel does.
+pub fn free_space_tree(
+    blocks: &[BlockInfo],
+    extents: &[DataExtent],
+    chunks: &[Chunk],
+    nodesize: u32,
+) -> VecItems {
+    let mut used: Vec<(u64, u64)> = blocks
+        .iter()
+        .map(|b| (b.logical, nodesize as u64))
+        .chain(extents.iter().map(|e| (e.logical, e.len)))
+        .collect();
+    used.sort_unstable();
+    let mut sorted: Vec<&Chunk> = chunks.iter().collect();
+    sorted.sort_by_key(|c| c.logical);
+    let mut v = Vec::new();
+    let mut u = 0;
+    for c in sorted {
+        let mut free = Vec::new();
+        let mut pos = c.logical;
+        while u < used.len() && used[u].0 < c.end() {
+            let (s, l) = used[u];
+            if s > pos {
+                free.push((pos, s - pos));
+            }
+            pos = pos.max(s + l);
+            u += 1;
+        }
+        if pos < c.end() {
+            free.push((pos, c.end() - pos));
+        }
+        v.push(Item {
+            key: Key::new(c.logical, FREE_SPACE_INFO_KEY, c.length),
+            body: Body::FreeSpaceInfo {
+                extent_count: free.len() as u32,
+            },
+        });
+        v.extend(free.into_iter().map(|(s, l)| Item {
+            key: Key::new(s, FREE_SPACE_EXTENT_KEY, l),
+            body: Body::Empty,
+        }));
+    }
+    VecItems(v)
+}
