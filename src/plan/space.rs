@@ -68,12 +68,17 @@ pub fn data_exclusions(start: u64) -> Vec<Excluded> {
         .collect()
 }
 
-/// Cuts the used data area `[start, end)` into DATA chunks of at most
-/// `DATA_CHUNK_MAX`, the last one rounded up to 64 KiB.
+/// Free data space left in the last DATA chunk. The kernel reserves data space
+/// for every buffered write, inline ones included, so an image without any free
+/// data space cannot take even a one-byte file before it is resized.
+pub const DATA_SLACK: u64 = 64 << 10;
+
+/// Cuts the used data area `[start, end)` plus `DATA_SLACK` into DATA chunks of
+/// at most `DATA_CHUNK_MAX`, the last one rounded up to 64 KiB.
 pub fn data_chunks(start: u64, end: u64, extents: &[super::data::DataExtent]) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     let mut s = start;
-    let end = round_up(end, STRIPE_LEN);
+    let end = round_up(end + DATA_SLACK, STRIPE_LEN);
     let mut e_idx = 0;
     while s < end {
         let len = (end - s).min(DATA_CHUNK_MAX);
