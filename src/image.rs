@@ -58,12 +58,16 @@ impl Image {
         let sectors = plan.data_sectors as usize;
         Image {
             supers,
-            blocks: Mutex::new(LruCache::new(NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN))),
+            blocks: Mutex::new(LruCache::new(
+                NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN),
+            )),
             files: Mutex::new(LruCache::new(
                 NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN),
             )),
             csums: (0..sectors).map(|_| AtomicU32::new(0)).collect(),
-            csum_known: (0..sectors.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            csum_known: (0..sectors.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             plan,
         }
     }

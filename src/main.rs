@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "btrfsimg", version, about = "Build btrfs images from a directory tree, without writing them out")]
+#[command(
+    name = "btrfsimg",
+    version,
+    about = "Build btrfs images from a directory tree, without writing them out"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -70,9 +74,11 @@ fn parse_size(what: &str, s: &str) -> Result<u64, Error> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| Error::msg(format!("invalid {what} '{s}': expected a number with an optional K/M/G/T suffix")))?;
+    let n: u64 = num.parse().map_err(|_| {
+        Error::msg(format!(
+            "invalid {what} '{s}': expected a number with an optional K/M/G/T suffix"
+        ))
+    })?;
     let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kib" => 10,
@@ -92,7 +98,8 @@ fn parse_size(what: &str, s: &str) -> Result<u64, Error> {
 fn parse_uuid(s: &str) -> Result<[u8; 16], Error> {
     let hex: String = s.chars().filter(|&c| c != '-').collect();
     let groups: Vec<usize> = s.split('-').map(|g| g.len()).collect();
-    if hex.len() != 32 || groups != [8, 4, 4, 4, 12] || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+    if hex.len() != 32 || groups != [8, 4, 4, 4, 12] || !hex.chars().all(|c| c.is_ascii_hexdigit())
+    {
         return Err(Error::msg(format!(
             "invalid --uuid '{s}': expected the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
         )));
@@ -106,19 +113,27 @@ fn parse_uuid(s: &str) -> Result<[u8; 16], Error> {
 }
 
 fn parse_owner(s: &str) -> Result<(u32, u32), Error> {
-    let bad = || Error::msg(format!("invalid --owner '{s}': expected UID:GID with numeric ids"));
+    let bad = || {
+        Error::msg(format!(
+            "invalid --owner '{s}': expected UID:GID with numeric ids"
+        ))
+    };
     let (u, g) = s.split_once(':').ok_or_else(bad)?;
     Ok((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?))
 }
 
 fn options(a: &ImageArgs) -> Result<Options, Error> {
     let timestamp = match &a.timestamp {
-        Some(t) => t
-            .parse::<i64>()
-            .map_err(|_| Error::msg(format!("invalid --timestamp '{t}': expected seconds since the epoch")))?,
+        Some(t) => t.parse::<i64>().map_err(|_| {
+            Error::msg(format!(
+                "invalid --timestamp '{t}': expected seconds since the epoch"
+            ))
+        })?,
         None => match std::env::var("SOURCE_DATE_EPOCH") {
             Ok(v) => v.trim().parse::<i64>().map_err(|_| {
-                Error::msg(format!("invalid SOURCE_DATE_EPOCH '{v}': expected seconds since the epoch"))
+                Error::msg(format!(
+                    "invalid SOURCE_DATE_EPOCH '{v}': expected seconds since the epoch"
+                ))
             })?,
             Err(_) => 1,
         },
@@ -130,7 +145,11 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
         fsid: a.uuid.as_deref().map(parse_uuid).transpose()?,
         owner: a.owner.as_deref().map(parse_owner).transpose()?,
         timestamp,
-        size: a.size.as_deref().map(|s| parse_size("--size", s)).transpose()?,
+        size: a
+            .size
+            .as_deref()
+            .map(|s| parse_size("--size", s))
+            .transpose()?,
         extra_space: a
             .extra_space
             .as_deref()
@@ -173,7 +192,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 let mut lock = stdout.lock();
                 match export::write_stream(&img, &mut lock) {
                     Ok(()) => Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(Error::msg("stdout: broken pipe")),
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                        Err(Error::msg("stdout: broken pipe"))
+                    }
                     Err(e) => Err(Error::msg(format!("writing to stdout: {e}"))),
                 }
             } else {

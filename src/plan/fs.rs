@@ -91,7 +91,10 @@ impl FsItems {
             if node.link_rep == i {
                 node_ino[i as usize] = inodes.len() as u32;
                 let size = match node.kind {
-                    Kind::Dir => tree.children(i).map(|c| 2 * tree.name(c).len() as u64).sum(),
+                    Kind::Dir => tree
+                        .children(i)
+                        .map(|c| 2 * tree.name(c).len() as u64)
+                        .sum(),
                     Kind::File | Kind::Symlink => node.size,
                     _ => 0,
                 };
@@ -223,7 +226,9 @@ impl FsItems {
             inode.ext_start = s;
             inode.ext_count = c;
             inode.first_item = next;
-            next += (0..6).map(|sec| section_len(&self.tree, inode, sec) as u64).sum::<u64>();
+            next += (0..6)
+                .map(|sec| section_len(&self.tree, inode, sec) as u64)
+                .sum::<u64>();
         }
         self.items = next;
     }

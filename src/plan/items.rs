@@ -25,21 +25,37 @@ pub enum Body<'a> {
     /// DIR_ITEM (possibly several colliding names) or DIR_INDEX (one entry).
     Dir(Vec<DirEntry<'a>>),
     /// Inline extent whose bytes are the whole content of source node `node`.
-    InlineFile { node: u32, len: u64 },
+    InlineFile {
+        node: u32,
+        len: u64,
+    },
     /// Inline extent with bytes known at plan time (symlink targets).
     InlineBytes(&'a [u8]),
     Extent(RegularExtent),
     /// Checksums of `count` data sectors starting at logical `start`.
-    Csum { start: u64, count: u32 },
+    Csum {
+        start: u64,
+        count: u32,
+    },
     Root(RootItem),
     Chunk(ChunkItem),
     Dev(DevItem),
     DevExtent(DevExtent),
     DevStats,
-    BlockGroup { used: u64, flags: u64 },
-    MetadataExtent { owner: u64 },
-    DataExtent { ino: u64, offset: u64 },
-    FreeSpaceInfo { extent_count: u32 },
+    BlockGroup {
+        used: u64,
+        flags: u64,
+    },
+    MetadataExtent {
+        owner: u64,
+    },
+    DataExtent {
+        ino: u64,
+        offset: u64,
+    },
+    FreeSpaceInfo {
+        extent_count: u32,
+    },
     /// Zero-length item (FREE_SPACE_EXTENT).
     Empty,
     /// UUID tree entry: the subvolume id.
@@ -52,7 +68,10 @@ impl Body<'_> {
         match self {
             Body::Inode(_) => INODE_ITEM_SIZE,
             Body::InodeRef(r) => r.iter().map(|(_, n)| INODE_REF_HEADER + n.len()).sum(),
-            Body::InodeExtref(r) => r.iter().map(|(_, _, n)| INODE_EXTREF_HEADER + n.len()).sum(),
+            Body::InodeExtref(r) => r
+                .iter()
+                .map(|(_, _, n)| INODE_EXTREF_HEADER + n.len())
+                .sum(),
             Body::Xattrs(x) => x
                 .iter()
                 .map(|(n, v)| DIR_ITEM_HEADER + n.len() + v.len())

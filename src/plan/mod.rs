@@ -92,7 +92,12 @@ pub struct TreePlan {
 impl TreePlan {
     pub fn root(&self) -> RootPtr {
         RootPtr {
-            bytenr: self.addrs.last().and_then(|l| l.first()).copied().unwrap_or(0),
+            bytenr: self
+                .addrs
+                .last()
+                .and_then(|l| l.first())
+                .copied()
+                .unwrap_or(0),
             level: self.shape.root_level(),
         }
     }
@@ -281,8 +286,18 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
         .collect();
     fs.set_extents(extents.clone(), &per_inode);
     let data_chunks = space::data_chunks(data_start, data_end, &extents);
-    let meta_ty = BLOCK_GROUP_METADATA | if opts.metadata_dup { BLOCK_GROUP_DUP } else { 0 };
-    let sys_ty = BLOCK_GROUP_SYSTEM | if opts.metadata_dup { BLOCK_GROUP_DUP } else { 0 };
+    let meta_ty = BLOCK_GROUP_METADATA
+        | if opts.metadata_dup {
+            BLOCK_GROUP_DUP
+        } else {
+            0
+        };
+    let sys_ty = BLOCK_GROUP_SYSTEM
+        | if opts.metadata_dup {
+            BLOCK_GROUP_DUP
+        } else {
+            0
+        };
     let system = Chunk {
         logical: space::SYSTEM_START,
         length: space::SYSTEM_LEN,
@@ -301,7 +316,10 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
     let placeholder_chunks: Vec<Chunk> = std::iter::once(system.clone())
         .chain(data_chunks.iter().cloned())
         .chain(std::iter::once(space::metadata_chunk(
-            meta_start, n64, opts.metadata_dup, meta_ty,
+            meta_start,
+            n64,
+            opts.metadata_dup,
+            meta_ty,
         )))
         .collect();
     let fixed_shape = |items: &dyn ItemSource| pack(items, nodesize);
@@ -419,7 +437,10 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
         let dev_item = DevItem {
             devid: 1,
             total_bytes,
-            bytes_used: chunks.iter().map(|c| c.length * c.stripes.len() as u64).sum(),
+            bytes_used: chunks
+                .iter()
+                .map(|c| c.length * c.stripes.len() as u64)
+                .sum(),
             sector_size: SECTOR_SIZE as u32,
             uuid: dev_uuid,
             fsid,

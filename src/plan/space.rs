@@ -130,7 +130,11 @@ pub fn block_slots(chunk: &Chunk, nodesize: u64) -> impl Iterator<Item = u64> {
     let logical = chunk.logical;
     (0..chunk.length / nodesize)
         .map(move |i| logical + i * nodesize)
-        .filter(move |a| !excl.iter().any(|x| *a < x.start + x.len && x.start < *a + nodesize))
+        .filter(move |a| {
+            !excl
+                .iter()
+                .any(|x| *a < x.start + x.len && x.start < *a + nodesize)
+        })
 }
 
 /// What fills a physical range of the image.
@@ -219,7 +223,10 @@ mod tests {
         let ex = c.excluded();
         assert_eq!(ex.len(), 1);
         assert!(c.length - 65536 >= 20 * MIB);
-        assert_eq!(block_slots(&c, 16384).count() as u64, (c.length - 65536) / 16384);
+        assert_eq!(
+            block_slots(&c, 16384).count() as u64,
+            (c.length - 65536) / 16384
+        );
     }
 
     #[test]

@@ -235,9 +235,23 @@ pub fn csum_tree(extents: &[DataExtent], chunks: &[Chunk], nodesize: u32) -> Vec
 /// An extent-tree record, kept small because there is one per block and per extent.
 #[derive(Clone, Copy, Debug)]
 pub enum ExtentRec {
-    Block { logical: u64, level: u8, owner: u64 },
-    Data { logical: u64, len: u64, ino: u64, offset: u64 },
-    Group { start: u64, len: u64, used: u64, flags: u64 },
+    Block {
+        logical: u64,
+        level: u8,
+        owner: u64,
+    },
+    Data {
+        logical: u64,
+        len: u64,
+        ino: u64,
+        offset: u64,
+    },
+    Group {
+        start: u64,
+        len: u64,
+        used: u64,
+        flags: u64,
+    },
 }
 
 impl ExtentRec {
@@ -288,12 +302,17 @@ pub fn extent_tree(
         level: b.level,
         owner: b.owner,
     }));
-    v.extend(extents.iter().zip(ext_ino).map(|(e, &ino)| ExtentRec::Data {
-        logical: e.logical,
-        len: e.len,
-        ino,
-        offset: e.file_offset,
-    }));
+    v.extend(
+        extents
+            .iter()
+            .zip(ext_ino)
+            .map(|(e, &ino)| ExtentRec::Data {
+                logical: e.logical,
+                len: e.len,
+                ino,
+                offset: e.file_offset,
+            }),
+    );
     v.extend(chunks.iter().map(|c| ExtentRec::Group {
         start: c.logical,
         len: c.length,

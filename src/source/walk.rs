@@ -223,7 +223,8 @@ fn data_segments(path: &Path, size: u64) -> Result<Vec<Segment>> {
 }
 
 fn cpath(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::at(path, "path contains a NUL byte"))
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::at(path, "path contains a NUL byte"))
 }
 
 /// All extended attributes of `path` (not following symlinks), sorted by name.
@@ -250,7 +251,12 @@ fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         loop {
             // SAFETY: valid C strings and a valid writable buffer.
             let r = unsafe {
-                libc::lgetxattr(c.as_ptr(), cname.as_ptr(), val.as_mut_ptr() as *mut _, val.len())
+                libc::lgetxattr(
+                    c.as_ptr(),
+                    cname.as_ptr(),
+                    val.as_mut_ptr() as *mut _,
+                    val.len(),
+                )
             };
             if r >= 0 {
                 val.truncate(r as usize);
