@@ -44,6 +44,9 @@ pub struct Inode {
     pub n_dir: u32,
 }
 
+/// Extended attributes whose names share one hash: (name, value).
+type XattrGroup<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 /// One INODE_REF or INODE_EXTREF item of a hard-linked inode.
 #[derive(Clone, Debug)]
 struct RefItem {
@@ -181,8 +184,8 @@ impl FsItems {
         // Directory items in hash order.
         let mut hash_order: Vec<u32> = (0..n as u32).collect();
         let mut collisions = BTreeMap::new();
-        for ino in 0..inodes.len() {
-            let d = inodes[ino].node;
+        for inode in inodes.iter_mut() {
+            let d = inode.node;
             if tree.node(d).kind != Kind::Dir {
                 continue;
             }
@@ -198,7 +201,7 @@ impl FsItems {
                     last = Some(h);
                 }
             }
-            inodes[ino].n_dir = groups.len() as u32;
+            inode.n_dir = groups.len() as u32;
             if groups.len() != slice.len() {
                 collisions.insert(d, groups);
             }
@@ -331,7 +334,7 @@ impl FsItems {
                 let mut xs: Vec<(u64, &[u8], &[u8])> =
                     tree.xattrs(d).map(|(n, v)| (name_hash(n), n, v)).collect();
                 xs.sort();
-                let mut groups: Vec<(u64, Vec<(&[u8], &[u8])>)> = Vec::new();
+                let mut groups: Vec<(u64, XattrGroup)> = Vec::new();
                 for (h, n, v) in xs {
                     match groups.last_mut() {
                         Some((lh, g)) if *lh == h => g.push((n, v)),
