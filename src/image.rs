@@ -128,6 +128,32 @@ impl Image {
         regions.get(idx).is_none_or(|r| r.start >= end)
     }
 
+    /// First offset at or after `offset` that may hold non-zero bytes (SEEK_DATA).
+    pub fn seek_data(&self, offset: u64) -> Option<u64> {
+        let regions = &self.plan.regions;
+        let idx = regions.partition_point(|r| r.end() <= offset);
+        regions
+            .get(idx)
+            .map(|r| r.start.max(offset))
+            .filter(|&o| o < self.size())
+    }
+
+    /// First offset at or after `offset` where a run of zeros starts (SEEK_HOLE);
+    /// the end of the image counts as a hole.
+    pub fn seek_hole(&self, offset: u64) -> u64 {
+        let regions = &self.plan.regions;
+        let mut idx = regions.partition_point(|r| r.end() <= offset);
+        let mut pos = offset;
+        while let Some(r) = regions.get(idx) {
+            if r.start > pos {
+                break;
+            }
+            pos = r.end();
+            idx += 1;
+        }
+        pos.min(self.size())
+    }
+
     fn read_meta(&self, logical: u64, out: &mut [u8]) -> io::Result<()> {
         let n = self.plan.nodesize as u64;
         let mut done = 0usize;

@@ -7,6 +7,7 @@
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod fuse;
 pub mod image;
 pub mod plan;
 pub mod source;

@@ -1,6 +1,6 @@
 //! Command line: parse, call the library, turn errors into one line and an exit code.
 
-use btrfsimg::{export, plan, Error, Image, Options};
+use btrfsimg::{export, fuse, plan, Error, Image, Options};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
@@ -29,6 +29,27 @@ enum Cmd {
         /// Overwrite an existing output file.
         #[arg(short, long)]
         force: bool,
+    },
+    /// Serve the image as the read-only file MOUNTPOINT/fs.img (FUSE), in the
+    /// foreground, until unmounted (fusermount3 -u MOUNTPOINT) or interrupted.
+    Mount {
+        #[command(flatten)]
+        image: ImageArgs,
+        /// An empty directory to mount on.
+        mountpoint: PathBuf,
+        /// Worker threads answering reads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Let every user read fs.img (non-root users need `user_allow_other` in /etc/fuse.conf).
+        #[arg(long, conflicts_with = "allow_root")]
+        allow_other: bool,
+        /// Let root read fs.img too (non-root users need `user_allow_other` in /etc/fuse.conf).
+        #[arg(long)]
+        allow_root: bool,
+        /// Mount options, comma separated: auto_unmount (unmount even if this
+        /// process is killed; needs allow_other or allow_root), allow_other, allow_root.
+        #[arg(short = 'o', value_delimiter = ',')]
+        options: Vec<String>,
     },
 }
 
@@ -202,7 +223,74 @@ fn run(cli: Cli) -> Result<(), Error> {
                 export::write_file(&img, &path, force)
             }
         }
+        Cmd::Mount {
+            image,
+            mountpoint,
+            threads,
+            allow_other,
+            allow_root,
+            options: mount_opts,
+        } => {
+            let opts = options(&image)?;
+            let mopts = mount_options(
+                opts.timestamp,
+                threads,
+                allow_other,
+                allow_root,
+                &mount_opts,
+            )?;
+            fuse::check_mountpoint(&mountpoint)?;
+            let plan = btrfsimg::plan_dir(&image.root, &opts)?;
+            let img = std::sync::Arc::new(Image::new(plan));
+            fuse::serve(img, &mountpoint, &mopts, |path| {
+                use std::io::Write;
+                let mut out = io::stdout().lock();
+                let _ = writeln!(out, "{}", path.display());
+                let _ = out.flush();
+            })
+        }
     }
+}
+
+fn mount_options(
+    timestamp: i64,
+    threads: usize,
+    allow_other: bool,
+    allow_root: bool,
+    options: &[String],
+) -> Result<fuse::MountOptions, Error> {
+    let mut opts = fuse::MountOptions {
+        threads: threads.max(1),
+        access: if allow_other {
+            fuse::Access::All
+        } else if allow_root {
+            fuse::Access::Root
+        } else {
+            fuse::Access::Owner
+        },
+        auto_unmount: false,
+        timestamp,
+    };
+    for o in options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+        match o {
+            "auto_unmount" => opts.auto_unmount = true,
+            "allow_other" => opts.access = fuse::Access::All,
+            "allow_root" if opts.access != fuse::Access::All => opts.access = fuse::Access::Root,
+            "allow_root" => {}
+            "ro" => {}
+            _ => {
+                return Err(Error::msg(format!(
+                    "unknown mount option '{o}' (known: auto_unmount, allow_other, allow_root, ro)"
+                )))
+            }
+        }
+    }
+    if opts.auto_unmount && opts.access == fuse::Access::Owner {
+        return Err(Error::msg(
+            "auto_unmount needs allow_other or allow_root (a fusermount3 requirement)",
+        ));
+    }
+    Ok(opts)
 }
 
 fn main() -> ExitCode {
