@@ -317,6 +317,30 @@ fn lazy_unmount(path: &Path) {
         .status();
 }
 
+/// The kernel caps FUSE readahead at the backing device's `read_ahead_kb`
+/// (128 KiB by default) whatever the filesystem asks for; raising it makes a
+/// sequential reader send 1 MiB requests (measured: ~30 % faster `dd`). Only
+/// root may; otherwise reads just stay at 128 KiB.
+fn raise_readahead(mnt: &Path) {
+    // The session loop is not running yet, so nothing may stat the mountpoint:
+    // mountinfo gives the device number without asking the filesystem.
+    let target = mnt.to_string_lossy();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(dev) = mounts
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|f| f.len() > 4 && unescape_mountinfo(f[4]) == target)
+        .map(|f| f[2].to_string())
+        .next_back()
+    else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, format!("{}", MAX_READ / 1024)) {
+        log::debug!("{knob}: {e}; readahead stays at the kernel default");
+    }
+}
+
 /// Mounts `image` at `mountpoint` and serves it until unmounted or signalled.
 /// `ready` is called once `fs.img` can be read.
 pub fn serve(
@@ -354,6 +378,7 @@ pub fn serve(
     };
     let mut session = fuser::Session::new(fs, &mnt, &config)
         .map_err(|e| crate::Error::at(&mnt, format!("cannot mount: {e}")))?;
+    raise_readahead(&mnt);
     let mut unmounter = session.unmount_callable();
     let mnt_for_signal = mnt.clone();
     std::thread::Builder::new()
