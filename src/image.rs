@@ -39,6 +39,7 @@ pub struct Image {
     files: Mutex<LruCache<u32, Arc<File>>>,
     csums: Vec<AtomicU32>,
     csum_known: Vec<AtomicU64>,
+    source_bytes: AtomicU64,
 }
 
 fn changed(path: &std::path::Path, what: &str) -> io::Error {
@@ -68,12 +69,19 @@ impl Image {
             csum_known: (0..sectors.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            source_bytes: AtomicU64::new(0),
             plan,
         }
     }
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// File data bytes read from the sources so far (a sequential read of the
+    /// whole image reads each byte once).
+    pub fn source_bytes_read(&self) -> u64 {
+        self.source_bytes.load(Ordering::Relaxed)
     }
 
     /// Size of the image in bytes.
@@ -386,7 +394,10 @@ impl Image {
                         "it is shorter than when planned",
                     ))
                 }
-                Ok(k) => done += k,
+                Ok(k) => {
+                    done += k;
+                    self.source_bytes.fetch_add(k as u64, Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     return Err(io::Error::new(

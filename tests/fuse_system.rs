@@ -85,6 +85,16 @@ impl FuseMount {
         m
     }
 
+    /// Bytes the serving process has read with read(2)-family calls so far.
+    fn rchar(&self) -> u64 {
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
     fn img(&self) -> PathBuf {
         self.mnt.join("fs.img")
     }
@@ -130,6 +140,25 @@ impl Drop for FuseMount {
     }
 }
 
+/// Bytes of data in the regular files below `root` (sparse files count their data only).
+fn tree_file_bytes(root: &Path) -> u64 {
+    let mut n = 0;
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        let m = fs::symlink_metadata(&p).unwrap();
+        if m.is_dir() {
+            n += tree_file_bytes(&p);
+        } else if m.is_file() {
+            let f = File::open(&p).unwrap();
+            n += data_segments(&f, m.len())
+                .iter()
+                .map(|(s, e)| e - s)
+                .sum::<u64>();
+        }
+    }
+    n
+}
+
 fn build_tree(root: &Path) {
     let mut t = TreeBuilder::new(root);
     for (i, size) in [0u64, 1, 2048, 2049, 4096, 65537, (3 << 20) + 5, 9 << 20]
@@ -159,6 +188,19 @@ fn fuse_image_is_the_export_and_a_valid_filesystem() {
     export(&src, &exported, &args);
 
     let m = FuseMount::start(&src, &work.path().join("mnt"), &args);
+    // A sequential reader makes the server read each source byte once.
+    let before = m.rchar();
+    run_ok(
+        Command::new("dd")
+            .arg(format!("if={}", m.img().display()))
+            .args(["of=/dev/null", "bs=1M"]),
+    );
+    let read = m.rchar() - before;
+    let data = tree_file_bytes(&src);
+    assert!(
+        read >= data && read <= data + data / 50 + (1 << 20),
+        "dd of fs.img made the server read {read} bytes for {data} bytes of file data"
+    );
     let meta = fs::metadata(m.img()).unwrap();
     assert_eq!(meta.len(), fs::metadata(&exported).unwrap().len());
     assert_eq!(
@@ -304,6 +346,21 @@ fn fuse_signals_unmount_and_mountpoint_checks() {
         let st = m.stop(sig);
         assert!(st.success(), "signal {sig}: exit status {st:?}");
         assert!(!is_mounted(&mpath), "still mounted after signal {sig}");
+    }
+
+    // With auto_unmount, even SIGKILL leaves no mount behind.
+    let m = FuseMount::start(&src, &mnt, &["--allow-other", "-o", "auto_unmount"]);
+    let mpath = m.mnt.clone();
+    let st = m.stop(libc::SIGKILL);
+    assert!(!st.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_mounted(&mpath) {
+        assert!(
+            Instant::now() < deadline,
+            "auto_unmount left {} mounted",
+            mpath.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     // A mountpoint that is not empty is refused.

@@ -44,7 +44,27 @@ fn export_bytes(root: &Path, opts: &Options) -> Vec<u8> {
     let mut out = Vec::new();
     export::write_stream(&image, &mut out).unwrap();
     assert_eq!(out.len() as u64, image.size());
+    assert_eq!(
+        image.source_bytes_read(),
+        file_bytes(root),
+        "a sequential export reads every source byte exactly once"
+    );
     out
+}
+
+/// Bytes of all regular files below `root` (none of the test trees has holes).
+fn file_bytes(root: &Path) -> u64 {
+    let mut n = 0;
+    for e in fs::read_dir(root).unwrap() {
+        let e = e.unwrap();
+        let m = fs::symlink_metadata(e.path()).unwrap();
+        if m.is_dir() {
+            n += file_bytes(&e.path());
+        } else if m.is_file() {
+            n += m.len();
+        }
+    }
+    n
 }
 
 #[test]
