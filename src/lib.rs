@@ -20,6 +20,12 @@ use std::path::Path;
 
 /// Walks `root` and plans its image.
 pub fn plan_dir(root: &Path, opts: &Options) -> Result<plan::Plan> {
-    let tree = source::walk(root, &source::WalkOptions { xattrs: true })?;
+    let tree = source::walk_dir(
+        root,
+        &source::WalkOptions {
+            xattrs: true,
+            virtual_time: opts.timestamp,
+        },
+    )?;
     plan::build(tree, opts)
 }

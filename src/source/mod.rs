@@ -2,14 +2,17 @@
 //! order with every directory's children contiguous and sorted by name bytes.
 //! Nothing here reads file data; the planner never sees the host again.
 
+mod spec;
 mod walk;
 
 use crate::format::Timespec;
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-pub use walk::{walk, WalkOptions};
+pub use spec::{Closure, Sources, VEntry, VirtualDir, DEFAULT_REGISTRATION_PATH, STORE_DIR};
+pub use walk::{walk, walk_dir, WalkOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -29,6 +32,8 @@ pub const NONE: u32 = u32::MAX;
 #[derive(Clone, Debug)]
 pub struct Node {
     pub parent: u32,
+    /// Host directory this entry was listed from (`SourceTree::path`), or `NONE`.
+    host_dir: u32,
     name_off: u32,
     name_len: u16,
     pub kind: Kind,
@@ -74,9 +79,12 @@ pub struct Segment {
 
 #[derive(Debug)]
 pub struct SourceTree {
-    /// Host directory of node 0.
-    pub root_path: PathBuf,
     pub nodes: Vec<Node>,
+    /// Every host directory that was listed; nodes refer to their parent's.
+    dirs: Vec<PathBuf>,
+    /// Host paths of entries whose host name differs from their image name, or
+    /// that were grafted (closure store paths, the registration, ROOT itself).
+    host_paths: BTreeMap<u32, PathBuf>,
     names: Vec<u8>,
     blobs: Vec<u8>,
     xattrs: Vec<XattrRef>,
@@ -142,15 +150,28 @@ impl SourceTree {
         node.first_child..node.first_child + node.nchildren
     }
 
-    /// Host path of a node, rebuilt from the names of its ancestors.
+    /// Host path of a node (for reading and for messages); for directories that
+    /// exist only in the image, their image path.
     pub fn path(&self, n: u32) -> PathBuf {
+        if let Some(p) = self.host_paths.get(&n) {
+            return p.clone();
+        }
+        let node = &self.nodes[n as usize];
+        if node.host_dir != NONE {
+            return self.dirs[node.host_dir as usize].join(OsStr::from_bytes(self.name(n)));
+        }
+        self.image_path(n)
+    }
+
+    /// Absolute path of a node inside the image.
+    pub fn image_path(&self, n: u32) -> PathBuf {
         let mut parts = Vec::new();
         let mut cur = n;
         while cur != 0 {
             parts.push(cur);
             cur = self.nodes[cur as usize].parent;
         }
-        let mut p = self.root_path.clone();
+        let mut p = PathBuf::from("/");
         for &c in parts.iter().rev() {
             p.push(OsStr::from_bytes(self.name(c)));
         }

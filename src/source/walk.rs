@@ -1,10 +1,13 @@
 //! Reads the staged tree breadth-first: lstat, readlink, xattrs and hole maps,
-//! never file contents. Children are sorted by name bytes so nothing of the host's
+//! never file contents. Every image directory may have several contributors
+//! (ROOT, virtual closure directories, overlay directories); their entries are
+//! merged by name. Children are sorted by name bytes so nothing of the host's
 //! readdir order or inode numbering reaches the image.
 
+use super::spec::{Sources, VEntry, VirtualDir};
 use super::*;
 use crate::error::{Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
 use std::fs;
 use std::io;
@@ -16,24 +19,90 @@ use std::path::Path;
 pub struct WalkOptions {
     /// Read extended attributes of every entry.
     pub xattrs: bool,
+    /// mtime of directories that exist only in the image (/nix, /nix/store).
+    pub virtual_time: i64,
+}
+
+/// One source of a directory's entries.
+enum Contrib {
+    Host(PathBuf),
+    Virtual(VirtualDir),
+}
+
+/// One candidate for a name: where it comes from and what it is.
+enum Cand {
+    /// Listed from host directory `dirs[dir]`.
+    Listed {
+        dir: u32,
+        meta: fs::Metadata,
+    },
+    /// Grafted host path (store path, registration).
+    Graft {
+        path: PathBuf,
+        meta: fs::Metadata,
+    },
+    Virtual(VirtualDir),
+}
+
+impl Cand {
+    fn is_dir(&self) -> bool {
+        match self {
+            Cand::Listed { meta, .. } | Cand::Graft { meta, .. } => meta.is_dir(),
+            Cand::Virtual(_) => true,
+        }
+    }
 }
 
 struct Builder {
     tree: SourceTree,
     links: HashMap<(u64, u64), u32>,
     opts: WalkOptions,
+    pending: VecDeque<Vec<Contrib>>,
 }
 
-/// Walks `root` (a directory) into a `SourceTree`.
-pub fn walk(root: &Path, opts: &WalkOptions) -> Result<SourceTree> {
-    let meta = fs::symlink_metadata(root).map_err(|e| Error::io(root, e))?;
-    if !meta.is_dir() {
-        return Err(Error::at(root, "not a directory"));
+/// Walks a single directory (`mkfs.btrfs --rootdir` style).
+pub fn walk_dir(root: &Path, opts: &WalkOptions) -> Result<SourceTree> {
+    walk(
+        &Sources {
+            root: Some(root.to_path_buf()),
+            ..Default::default()
+        },
+        opts,
+    )
+}
+
+fn check_dir(p: &Path, what: &str) -> Result<fs::Metadata> {
+    let m = fs::symlink_metadata(p).map_err(|e| Error::io(p, e))?;
+    if !m.is_dir() {
+        return Err(Error::at(p, format!("{what} is not a directory")));
+    }
+    Ok(m)
+}
+
+/// Walks all sources into one `SourceTree`.
+pub fn walk(sources: &Sources, opts: &WalkOptions) -> Result<SourceTree> {
+    let mut contribs = Vec::new();
+    let root_meta = match &sources.root {
+        Some(r) => {
+            let m = check_dir(r, "ROOT")?;
+            contribs.push(Contrib::Host(r.clone()));
+            Some(m)
+        }
+        None => None,
+    };
+    let vroot = sources.virtual_root()?;
+    if !vroot.entries.is_empty() {
+        contribs.push(Contrib::Virtual(vroot));
+    }
+    for f in &sources.files {
+        check_dir(f, "--files directory")?;
+        contribs.push(Contrib::Host(f.clone()));
     }
     let mut b = Builder {
         tree: SourceTree {
-            root_path: root.to_path_buf(),
             nodes: Vec::new(),
+            dirs: Vec::new(),
+            host_paths: BTreeMap::new(),
             names: Vec::new(),
             blobs: Vec::new(),
             xattrs: Vec::new(),
@@ -41,13 +110,22 @@ pub fn walk(root: &Path, opts: &WalkOptions) -> Result<SourceTree> {
         },
         links: HashMap::new(),
         opts: opts.clone(),
+        pending: VecDeque::new(),
     };
-    b.push(root, NONE, b"", &meta)?;
+    match (&sources.root, root_meta) {
+        (Some(r), Some(m)) => {
+            b.push_host(r, NONE, NONE, b"", &m)?;
+            b.tree.host_paths.insert(0, r.clone());
+        }
+        _ => b.push_virtual_dir(NONE, b""),
+    }
+    b.pending.push_back(contribs);
 
     let mut i = 0usize;
     while i < b.tree.nodes.len() {
         if b.tree.nodes[i].kind == Kind::Dir {
-            b.read_dir(i as u32)?;
+            let c = b.pending.pop_front().unwrap_or_default();
+            b.read_dir(i as u32, c)?;
         }
         i += 1;
     }
@@ -55,31 +133,171 @@ pub fn walk(root: &Path, opts: &WalkOptions) -> Result<SourceTree> {
 }
 
 impl Builder {
-    fn read_dir(&mut self, n: u32) -> Result<()> {
-        let dir = self.tree.path(n);
-        let rd = fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-        let mut names: Vec<Vec<u8>> = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(|e| Error::io(&dir, e))?;
-            names.push(ent.file_name().as_bytes().to_vec());
+    fn read_dir(&mut self, n: u32, contribs: Vec<Contrib>) -> Result<()> {
+        let mut cands: BTreeMap<Vec<u8>, Vec<Cand>> = BTreeMap::new();
+        for c in contribs {
+            match c {
+                Contrib::Host(dir) => {
+                    let idx = self.tree.dirs.len() as u32;
+                    let rd = fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+                    let mut names = Vec::new();
+                    for ent in rd {
+                        let ent = ent.map_err(|e| Error::io(&dir, e))?;
+                        names.push(ent.file_name().as_bytes().to_vec());
+                    }
+                    for name in names {
+                        let path = dir.join(OsStr::from_bytes(&name));
+                        let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+                        cands
+                            .entry(name)
+                            .or_default()
+                            .push(Cand::Listed { dir: idx, meta });
+                    }
+                    self.tree.dirs.push(dir);
+                }
+                Contrib::Virtual(v) => {
+                    for (name, e) in v.entries {
+                        let cand = match e {
+                            VEntry::Dir(d) => Cand::Virtual(d),
+                            VEntry::Host(path) => {
+                                let meta =
+                                    fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+                                Cand::Graft { path, meta }
+                            }
+                        };
+                        cands.entry(name).or_default().push(cand);
+                    }
+                }
+            }
         }
-        names.sort_unstable();
+
         let first = self.tree.nodes.len();
-        if first + names.len() >= NONE as usize {
-            return Err(Error::at(&dir, "too many entries in the tree"));
+        if first + cands.len() >= NONE as usize {
+            return Err(Error::at(
+                &self.tree.path(n),
+                "too many entries in the tree",
+            ));
         }
-        for name in &names {
-            let path = dir.join(OsStr::from_bytes(name));
-            let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
-            self.push(&path, n, name, &meta)?;
+        let count = cands.len() as u32;
+        for (name, list) in cands {
+            if list.len() > 1 && !list.iter().all(Cand::is_dir) {
+                return Err(self.conflict(n, &name, &list));
+            }
+            let mut children = Vec::new();
+            let mut pushed = false;
+            for cand in list {
+                match cand {
+                    Cand::Listed { dir, meta } => {
+                        let path = self.tree.dirs[dir as usize].join(OsStr::from_bytes(&name));
+                        if !pushed {
+                            self.push_host(&path, n, dir, &name, &meta)?;
+                            pushed = true;
+                        }
+                        if meta.is_dir() {
+                            children.push(Contrib::Host(path));
+                        }
+                    }
+                    Cand::Graft { path, meta } => {
+                        if !pushed {
+                            let idx = self.tree.nodes.len() as u32;
+                            self.push_host(&path, n, NONE, &name, &meta)?;
+                            self.tree.host_paths.insert(idx, path.clone());
+                            pushed = true;
+                        }
+                        if meta.is_dir() {
+                            children.push(Contrib::Host(path));
+                        }
+                    }
+                    Cand::Virtual(d) => {
+                        if !pushed {
+                            self.push_virtual_dir(n, &name);
+                            pushed = true;
+                        }
+                        children.push(Contrib::Virtual(d));
+                    }
+                }
+            }
+            if self.tree.nodes.last().map(|x| x.kind) == Some(Kind::Dir) {
+                self.pending.push_back(children);
+            }
         }
         let node = &mut self.tree.nodes[n as usize];
         node.first_child = first as u32;
-        node.nchildren = names.len() as u32;
+        node.nchildren = count;
         Ok(())
     }
 
-    fn push(&mut self, path: &Path, parent: u32, name: &[u8], meta: &fs::Metadata) -> Result<()> {
+    /// The error for two sources providing the same non-directory path.
+    fn conflict(&self, parent: u32, name: &[u8], list: &[Cand]) -> Error {
+        let describe = |c: &Cand| match c {
+            Cand::Listed { dir, .. } => self.tree.dirs[*dir as usize]
+                .join(OsStr::from_bytes(name))
+                .display()
+                .to_string(),
+            Cand::Graft { path, .. } => path.display().to_string(),
+            Cand::Virtual(_) => "a directory created for the closure".to_string(),
+        };
+        let mut image = self.tree.image_path(parent);
+        image.push(OsStr::from_bytes(name));
+        Error::at(
+            &image,
+            format!(
+                "provided by both {} and {}",
+                describe(&list[0]),
+                describe(&list[1])
+            ),
+        )
+    }
+
+    fn new_node(&mut self, parent: u32, host_dir: u32, name: &[u8], kind: Kind) -> Node {
+        let idx = self.tree.nodes.len() as u32;
+        let name_off = self.tree.names.len() as u32;
+        self.tree.names.extend_from_slice(name);
+        Node {
+            parent,
+            host_dir,
+            name_off,
+            name_len: name.len() as u16,
+            kind,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: Timespec::default(),
+            host_ctime: Timespec::default(),
+            size: 0,
+            rdev: 0,
+            first_child: 0,
+            nchildren: 0,
+            link_rep: idx,
+            xattr_start: self.tree.xattrs.len() as u32,
+            xattr_count: 0,
+            seg_start: NONE,
+            seg_count: 0,
+            blob_off: 0,
+            blob_len: 0,
+        }
+    }
+
+    /// A directory that exists only in the image: root-owned, 0755, `--timestamp`.
+    fn push_virtual_dir(&mut self, parent: u32, name: &[u8]) {
+        let mut node = self.new_node(parent, NONE, name, Kind::Dir);
+        node.mode = libc::S_IFDIR | 0o755;
+        node.mtime = Timespec {
+            sec: self.opts.virtual_time,
+            nsec: 0,
+        };
+        node.host_ctime = node.mtime;
+        self.tree.nodes.push(node);
+    }
+
+    fn push_host(
+        &mut self,
+        path: &Path,
+        parent: u32,
+        host_dir: u32,
+        name: &[u8],
+        meta: &fs::Metadata,
+    ) -> Result<()> {
         let idx = self.tree.nodes.len() as u32;
         let ft = meta.file_type();
         let kind = if ft.is_dir() {
@@ -99,48 +317,26 @@ impl Builder {
         } else {
             return Err(Error::at(path, "unsupported file type"));
         };
-
-        let name_off = self.tree.names.len() as u32;
-        self.tree.names.extend_from_slice(name);
-
-        let mut link_rep = idx;
+        let mut node = self.new_node(parent, host_dir, name, kind);
         if kind != Kind::Dir && meta.nlink() > 1 {
-            link_rep = *self.links.entry((meta.dev(), meta.ino())).or_insert(idx);
+            node.link_rep = *self.links.entry((meta.dev(), meta.ino())).or_insert(idx);
         }
-
-        let mut node = Node {
-            parent,
-            name_off,
-            name_len: name.len() as u16,
-            kind,
-            mode: meta.mode(),
-            uid: meta.uid(),
-            gid: meta.gid(),
-            mtime: Timespec {
-                sec: meta.mtime(),
-                nsec: meta.mtime_nsec() as u32,
-            },
-            host_ctime: Timespec {
-                sec: meta.ctime(),
-                nsec: meta.ctime_nsec() as u32,
-            },
-            size: 0,
-            rdev: 0,
-            first_child: 0,
-            nchildren: 0,
-            link_rep,
-            xattr_start: self.tree.xattrs.len() as u32,
-            xattr_count: 0,
-            seg_start: NONE,
-            seg_count: 0,
-            blob_off: 0,
-            blob_len: 0,
+        node.mode = meta.mode();
+        node.uid = meta.uid();
+        node.gid = meta.gid();
+        node.mtime = Timespec {
+            sec: meta.mtime(),
+            nsec: meta.mtime_nsec() as u32,
+        };
+        node.host_ctime = Timespec {
+            sec: meta.ctime(),
+            nsec: meta.ctime_nsec() as u32,
         };
 
         match kind {
             Kind::File => {
                 node.size = meta.len();
-                if link_rep == idx && meta.len() > 0 && meta.blocks() * 512 < meta.len() {
+                if node.link_rep == idx && meta.len() > 0 && meta.blocks() * 512 < meta.len() {
                     let segs = data_segments(path, meta.len())?;
                     node.seg_start = self.tree.segments.len() as u32;
                     node.seg_count = segs.len() as u32;
@@ -181,7 +377,6 @@ impl Builder {
         Ok(())
     }
 }
-
 /// Data ranges of a sparse file found with SEEK_DATA/SEEK_HOLE.
 fn data_segments(path: &Path, size: u64) -> Result<Vec<Segment>> {
     let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
