@@ -1,59 +1,115 @@
-//! The sequential frontend: a loop over `Image::read_at`. Files are written
-//! sparsely through a temporary file in the target directory that is renamed
-//! into place only when the whole image has been written.
+//! The sequential frontend: a loop over `Image::read_at` feeding a sink (a sparse
+//! file, a stream, or a multi-threaded zstd encoder). Files are written through a
+//! temporary file in the target directory that is renamed into place only when
+//! the whole image has been written; an interrupted or failed export leaves
+//! nothing named like the output behind.
 
 use crate::error::{Error, Result};
 use crate::image::Image;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Bytes requested from the image per read.
 const CHUNK: usize = 4 << 20;
 /// Granularity at which all-zero output is skipped (left as a hole).
 const HOLE_GRAIN: usize = 64 << 10;
 
-/// Streams the image to `out` (a pipe or any writer).
-pub fn write_stream(image: &Image, out: &mut dyn Write) -> io::Result<()> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < image.size() {
-        let n = image.read_at(off, &mut buf)?;
-        out.write_all(&buf[..n])?;
-        off += n as u64;
-    }
-    out.flush()
+#[derive(Clone, Debug, Default)]
+pub struct ExportOptions {
+    /// zstd compression level, if compressing.
+    pub zstd: Option<i32>,
+    /// zstd worker threads (0 = compress in the calling thread).
+    pub threads: u32,
+    /// Show a progress bar (bytes, rate, ETA) on stderr.
+    pub progress: bool,
+    /// Set when the export should stop (SIGINT/SIGTERM); checked between chunks.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
-/// Writes the image into `file`, seeking over zero runs so the result is sparse.
-fn write_sparse(image: &Image, file: &mut File) -> io::Result<()> {
+fn progress_bar(image: &Image, opts: &ExportOptions) -> ProgressBar {
+    if !opts.progress {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(image.size()), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    ) {
+        pb.set_style(style);
+    }
+    pb
+}
+
+/// Feeds the whole image, in order, to `sink(offset, bytes)`. With `skip_zero`,
+/// ranges the image knows to be zero are not produced (the sink sees a gap).
+fn pump(
+    image: &Image,
+    opts: &ExportOptions,
+    skip_zero: bool,
+    mut sink: impl FnMut(u64, &[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let pb = progress_bar(image, opts);
     let mut buf = vec![0u8; CHUNK];
     let mut off = 0u64;
     let size = image.size();
     while off < size {
-        let want = CHUNK.min((size - off) as usize);
-        if image.is_zero_range(off, want as u64) {
-            off += want as u64;
-            continue;
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            pb.abandon();
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
         }
-        let n = image.read_at(off, &mut buf[..want])?;
-        let mut i = 0;
-        while i < n {
-            let j = (i + HOLE_GRAIN).min(n);
-            let piece = &buf[i..j];
+        let want = CHUNK.min((size - off) as usize);
+        if !(skip_zero && image.is_zero_range(off, want as u64)) {
+            let n = image.read_at(off, &mut buf[..want])?;
+            sink(off, &buf[..n])?;
+        }
+        off += want as u64;
+        pb.set_position(off);
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// Writes the image into a seekable file, leaving zero runs as holes.
+fn write_sparse(image: &Image, file: &mut File, opts: &ExportOptions) -> io::Result<()> {
+    pump(image, opts, true, |off, data| {
+        for (i, piece) in data.chunks(HOLE_GRAIN).enumerate() {
             if piece.iter().all(|&b| b == 0) {
-                i = j;
                 continue;
             }
-            file.seek(SeekFrom::Start(off + i as u64))?;
+            file.seek(SeekFrom::Start(off + (i * HOLE_GRAIN) as u64))?;
             file.write_all(piece)?;
-            i = j;
         }
-        off += n as u64;
+        Ok(())
+    })?;
+    file.set_len(image.size())
+}
+
+/// Streams the image (optionally zstd-compressed) to `out`.
+pub fn write_stream(image: &Image, out: &mut dyn Write, opts: &ExportOptions) -> io::Result<()> {
+    match opts.zstd {
+        None => {
+            pump(image, opts, false, |_, data| out.write_all(data))?;
+            out.flush()
+        }
+        Some(level) => {
+            let mut enc = zstd::stream::Encoder::new(out, level)?;
+            if opts.threads > 0 {
+                enc.multithread(opts.threads)?;
+            }
+            enc.include_checksum(true)?;
+            enc.set_pledged_src_size(Some(image.size()))?;
+            pump(image, opts, false, |_, data| enc.write_all(data))?;
+            enc.finish()?.flush()
+        }
     }
-    file.set_len(size)?;
-    file.sync_all()
 }
 
 /// A temporary output file that is removed unless committed.
@@ -71,7 +127,7 @@ impl Drop for TempOutput {
 }
 
 /// Writes the image to `path` via a temporary file renamed on success.
-pub fn write_file(image: &Image, path: &Path, overwrite: bool) -> Result<()> {
+pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOptions) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -99,7 +155,16 @@ pub fn write_file(image: &Image, path: &Path, overwrite: bool) -> Result<()> {
         .mode(0o644)
         .open(&tmp_path)
         .map_err(|e| Error::io(&tmp_path, e))?;
-    write_sparse(image, &mut file).map_err(|e| Error::io(path, e))?;
+    let written = match opts.zstd {
+        None => write_sparse(image, &mut file, opts),
+        Some(_) => {
+            let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
+            write_stream(image, &mut w, opts)
+        }
+    };
+    written
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io(path, e))?;
     drop(file);
     fs::rename(&tmp_path, path).map_err(|e| Error::io(path, e))?;
     guard.committed = true;

@@ -18,10 +18,21 @@ pub use plan::Options;
 
 use std::path::Path;
 
-/// Walks `root` and plans its image.
+/// Walks `root` and plans its image (the `mkfs.btrfs --rootdir` case).
 pub fn plan_dir(root: &Path, opts: &Options) -> Result<plan::Plan> {
-    let tree = source::walk_dir(
-        root,
+    plan_sources(
+        &source::Sources {
+            root: Some(root.to_path_buf()),
+            ..Default::default()
+        },
+        opts,
+    )
+}
+
+/// Walks all sources (ROOT, a Nix closure, overlays) and plans their image.
+pub fn plan_sources(sources: &source::Sources, opts: &Options) -> Result<plan::Plan> {
+    let tree = source::walk(
+        sources,
         &source::WalkOptions {
             xattrs: true,
             virtual_time: opts.timestamp,

@@ -1,10 +1,13 @@
 //! Command line: parse, call the library, turn errors into one line and an exit code.
 
+use btrfsimg::source::{Closure, Sources};
 use btrfsimg::{export, fuse, plan, Error, Image, Options};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +24,8 @@ struct Cli {
 enum Cmd {
     /// Write the image to a file or to stdout.
     Export {
+        /// Directory whose contents become the image root.
+        root: Option<PathBuf>,
         #[command(flatten)]
         image: ImageArgs,
         /// Output file; `-` (or omitted, when stdout is not a terminal) for stdout.
@@ -29,14 +34,26 @@ enum Cmd {
         /// Overwrite an existing output file.
         #[arg(short, long)]
         force: bool,
+        /// Compress with zstd (default level 3).
+        #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3",
+              require_equals = true, allow_negative_numbers = true)]
+        zstd: Option<i32>,
+        /// zstd worker threads [default: all cores].
+        #[arg(long)]
+        threads: Option<u32>,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Serve the image as the read-only file MOUNTPOINT/fs.img (FUSE), in the
     /// foreground, until unmounted (fusermount3 -u MOUNTPOINT) or interrupted.
     Mount {
+        /// [ROOT] MOUNTPOINT: the directory whose contents become the image root
+        /// (optional with --closure-info/--files), and an empty directory to mount on.
+        #[arg(required = true, num_args = 1..=2, value_name = "PATH")]
+        paths: Vec<PathBuf>,
         #[command(flatten)]
         image: ImageArgs,
-        /// An empty directory to mount on.
-        mountpoint: PathBuf,
         /// Worker threads answering reads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
@@ -61,8 +78,25 @@ enum Profile {
 
 #[derive(clap::Args)]
 struct ImageArgs {
-    /// Directory whose contents become the image root.
-    root: PathBuf,
+    /// A Nix closureInfo directory: its store-paths go to the image at their own
+    /// paths, its registration to /nix-path-registration.
+    #[arg(long, value_name = "DIR")]
+    closure_info: Option<PathBuf>,
+    /// A file listing store paths, one per line (like closureInfo's store-paths).
+    #[arg(long, value_name = "FILE")]
+    store_paths: Option<PathBuf>,
+    /// A `nix-store --load-db` registration file (like closureInfo's registration).
+    #[arg(long, value_name = "FILE")]
+    registration: Option<PathBuf>,
+    /// Where the registration goes in the image.
+    #[arg(long, value_name = "PATH", default_value = "/nix-path-registration")]
+    registration_path: PathBuf,
+    /// Read /nix/store/X from DIR/nix/store/X (chroot stores).
+    #[arg(long, value_name = "DIR")]
+    store_root: Option<PathBuf>,
+    /// Overlay DIR's contents at the image root (repeatable); directories merge.
+    #[arg(long, value_name = "DIR")]
+    files: Vec<PathBuf>,
     /// Filesystem label (at most 255 bytes).
     #[arg(short = 'L', long)]
     label: Option<String>,
@@ -181,14 +215,95 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
     })
 }
 
+fn sources(root: Option<PathBuf>, a: &ImageArgs) -> Result<Sources, Error> {
+    let mut closure: Option<Closure> = None;
+    if let Some(dir) = &a.closure_info {
+        closure = Some(Closure::from_closure_info(dir)?);
+    }
+    if let Some(file) = &a.store_paths {
+        let more = Closure::from_store_paths_file(file)?;
+        match &mut closure {
+            Some(c) => c.store_paths.extend(more.store_paths),
+            None => closure = Some(more),
+        }
+    }
+    if let Some(reg) = &a.registration {
+        if !reg.is_file() {
+            return Err(Error::at(reg, "registration file does not exist"));
+        }
+        let c = closure.get_or_insert_with(|| Closure {
+            store_paths: Vec::new(),
+            registration: None,
+            registration_path: PathBuf::new(),
+            store_root: None,
+        });
+        if let Some(prev) = &c.registration {
+            return Err(Error::at(
+                reg,
+                format!("a registration is already given by {}", prev.display()),
+            ));
+        }
+        c.registration = Some(reg.clone());
+    }
+    if let Some(c) = &mut closure {
+        c.registration_path = a.registration_path.clone();
+        c.store_root = a.store_root.clone();
+        if !c.registration_path.is_absolute() {
+            return Err(Error::at(
+                &c.registration_path,
+                "--registration-path must be absolute",
+            ));
+        }
+    } else if a.store_root.is_some() {
+        return Err(Error::msg(
+            "--store-root needs --closure-info or --store-paths",
+        ));
+    }
+    if root.is_none() && closure.is_none() && a.files.is_empty() {
+        return Err(Error::msg(
+            "nothing to put in the image: give ROOT, --closure-info, --store-paths or --files",
+        ));
+    }
+    Ok(Sources {
+        root,
+        closure,
+        files: a.files.clone(),
+    })
+}
+
+/// Set by SIGINT/SIGTERM during an export, so the temporary file is removed.
+fn cancel_flag() -> Result<Arc<AtomicBool>, Error> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))?;
+    }
+    Ok(flag)
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.cmd {
         Cmd::Export {
+            root,
             image,
             output,
             force,
+            zstd,
+            threads,
+            quiet,
         } => {
             let opts = options(&image)?;
+            let srcs = sources(root, &image)?;
+            if let Some(l) = zstd {
+                let range = zstd::compression_level_range();
+                if !range.contains(&l) {
+                    return Err(Error::msg(format!(
+                        "invalid --zstd level {l}: must be from {} to {}",
+                        range.start(),
+                        range.end()
+                    )));
+                }
+            }
             let to_stdout = match &output {
                 Some(p) => p.as_os_str() == "-",
                 None => {
@@ -200,7 +315,8 @@ fn run(cli: Cli) -> Result<(), Error> {
                     true
                 }
             };
-            let plan = btrfsimg::plan_dir(&image.root, &opts)?;
+            let cancel = cancel_flag()?;
+            let plan = btrfsimg::plan_sources(&srcs, &opts)?;
             log::info!(
                 "planned {} bytes, {} tree blocks, {} data extents",
                 plan.total_bytes,
@@ -208,10 +324,18 @@ fn run(cli: Cli) -> Result<(), Error> {
                 plan.extents.len()
             );
             let img = Image::new(plan);
+            let eopts = export::ExportOptions {
+                zstd,
+                threads: threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+                }),
+                progress: !quiet && io::stderr().is_terminal(),
+                cancel: Some(cancel),
+            };
             if to_stdout {
                 let stdout = io::stdout();
                 let mut lock = stdout.lock();
-                match export::write_stream(&img, &mut lock) {
+                match export::write_stream(&img, &mut lock, &eopts) {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                         Err(Error::msg("stdout: broken pipe"))
@@ -220,18 +344,21 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
             } else {
                 let path = output.unwrap_or_default();
-                export::write_file(&img, &path, force)
+                export::write_file(&img, &path, force, &eopts)
             }
         }
         Cmd::Mount {
+            mut paths,
             image,
-            mountpoint,
             threads,
             allow_other,
             allow_root,
             options: mount_opts,
         } => {
+            let mountpoint = paths.pop().unwrap_or_default();
+            let root = paths.pop();
             let opts = options(&image)?;
+            let srcs = sources(root, &image)?;
             let mopts = mount_options(
                 opts.timestamp,
                 threads,
@@ -240,7 +367,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 &mount_opts,
             )?;
             fuse::check_mountpoint(&mountpoint)?;
-            let plan = btrfsimg::plan_dir(&image.root, &opts)?;
+            let plan = btrfsimg::plan_sources(&srcs, &opts)?;
             let img = std::sync::Arc::new(Image::new(plan));
             fuse::serve(img, &mountpoint, &mopts, |path| {
                 use std::io::Write;
@@ -298,6 +425,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            eprintln!("btrfsimg: {e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("btrfsimg: {e}");
             ExitCode::FAILURE

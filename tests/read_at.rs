@@ -42,7 +42,7 @@ fn make_tree(root: &Path, rng: &mut ChaCha8Rng) {
 fn export_bytes(root: &Path, opts: &Options) -> Vec<u8> {
     let image = Image::new(plan_dir(root, opts).unwrap());
     let mut out = Vec::new();
-    export::write_stream(&image, &mut out).unwrap();
+    export::write_stream(&image, &mut out, &Default::default()).unwrap();
     assert_eq!(out.len() as u64, image.size());
     assert_eq!(
         image.source_bytes_read(),
