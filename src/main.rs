@@ -337,8 +337,10 @@ fn run(cli: Cli) -> Result<(), Error> {
                 let mut lock = stdout.lock();
                 match export::write_stream(&img, &mut lock, &eopts) {
                     Ok(()) => Ok(()),
+                    // The reader went away (`| head`): end quietly, as a process
+                    // killed by SIGPIPE would, with status 128 + SIGPIPE.
                     Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                        Err(Error::msg("stdout: broken pipe"))
+                        std::process::exit(128 + libc::SIGPIPE)
                     }
                     Err(e) => Err(Error::msg(format!("writing to stdout: {e}"))),
                 }
