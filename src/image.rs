@@ -27,8 +27,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Encoded tree blocks kept in memory (bytes).
-const BLOCK_CACHE_BYTES: usize = 64 << 20;
+/// Encoded tree blocks kept in memory (bytes): more than one metadata chunk
+/// (`plan::space::METADATA_CHUNK_MAX`), so a sequential reader of a DUP image
+/// finds every block's second copy still cached.
+const BLOCK_CACHE_BYTES: usize = 40 << 20;
 /// Source files kept open.
 const OPEN_FILES: usize = 128;
 

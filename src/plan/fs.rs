@@ -242,7 +242,7 @@ impl FsItems {
 
     fn index_in_parent(&self, c: u32) -> u64 {
         let p = self.tree.node(c).parent;
-        2 + (c - self.tree.node(p).first_child) as u64
+        2 + (c - self.tree.node(p).first_child()) as u64
     }
 
     fn location(&self, c: u32) -> Key {
@@ -276,7 +276,7 @@ impl FsItems {
             uid,
             gid,
             mode: node.mode,
-            rdev: node.rdev,
+            rdev: node.rdev(),
             flags: 0,
             atime: node.mtime,
             ctime: node.mtime,
@@ -348,14 +348,14 @@ impl FsItems {
                 }
             }
             3 => {
-                let first = tree.node(d).first_child as usize;
+                let first = tree.node(d).first_child() as usize;
                 let (lo, hi) = match self.collisions.get(&d) {
                     Some(g) => {
                         let lo = g[k as usize] as usize;
                         let hi = g
                             .get(k as usize + 1)
                             .map(|&x| x as usize)
-                            .unwrap_or(tree.node(d).nchildren as usize);
+                            .unwrap_or(tree.node(d).nchildren() as usize);
                         (lo, hi)
                     }
                     None => (k as usize, k as usize + 1),
@@ -368,7 +368,7 @@ impl FsItems {
                 }
             }
             4 => {
-                let c = tree.node(d).first_child + k;
+                let c = tree.node(d).first_child() + k;
                 Item {
                     key: Key::new(ino, DIR_INDEX_KEY, 2 + k as u64),
                     body: Body::Dir(vec![self.dir_entry(c)]),
@@ -424,13 +424,7 @@ fn section_len(tree: &SourceTree, inode: &Inode, sec: u8) -> u32 {
         1 => inode.n_refs,
         2 => inode.n_xattr,
         3 => inode.n_dir,
-        4 => {
-            if node.kind == Kind::Dir {
-                node.nchildren
-            } else {
-                0
-            }
-        }
+        4 => node.nchildren(),
         _ => {
             if inode.inline {
                 1

@@ -169,7 +169,7 @@ fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
         h.update(n.mtime.sec.to_le_bytes());
         h.update(n.mtime.nsec.to_le_bytes());
         h.update(n.size.to_le_bytes());
-        h.update(n.rdev.to_le_bytes());
+        h.update(n.rdev().to_le_bytes());
         h.update(n.link_rep.to_le_bytes());
         if n.kind == Kind::Symlink {
             h.update(tree.link_target(i));
@@ -217,7 +217,7 @@ fn validate(tree: &SourceTree, opts: &Options) -> Result<()> {
                 ));
             }
         }
-        if n.kind == Kind::Dir && n.nchildren as u64 > u32::MAX as u64 - 3 {
+        if n.kind == Kind::Dir && n.nchildren() as u64 > u32::MAX as u64 - 3 {
             return Err(Error::at(&tree.path(i), "too many directory entries"));
         }
     }
@@ -280,10 +280,12 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
     }
     let data_end = alloc.pos;
     let extents = Arc::new(std::mem::take(&mut alloc.extents));
-    let ext_ino: Vec<u64> = extents
-        .iter()
-        .map(|e| fs.ino(fs.node_ino[e.node as usize]))
-        .collect();
+    let ext_ino: Arc<Vec<u64>> = Arc::new(
+        extents
+            .iter()
+            .map(|e| fs.ino(fs.node_ino[e.node as usize]))
+            .collect(),
+    );
     fs.set_extents(extents.clone(), &per_inode);
     let data_chunks = space::data_chunks(data_start, data_end, &extents);
     let meta_ty = BLOCK_GROUP_METADATA
@@ -313,18 +315,7 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
     let fs_shape = pack(&fs, nodesize);
     let csum = trees::csum_tree(&extents, &data_chunks, nodesize);
     let csum_shape = pack(&csum, nodesize);
-    let placeholder_chunks: Vec<Chunk> = std::iter::once(system.clone())
-        .chain(data_chunks.iter().cloned())
-        .chain(std::iter::once(space::metadata_chunk(
-            meta_start,
-            n64,
-            opts.metadata_dup,
-            meta_ty,
-        )))
-        .collect();
     let fixed_shape = |items: &dyn ItemSource| pack(items, nodesize);
-    let chunk_shape = fixed_shape(&trees::chunk_tree(DevItem::default(), &placeholder_chunks));
-    let dev_shape = fixed_shape(&trees::dev_tree(&placeholder_chunks, chunk_tree_uuid));
     let uuid_items = trees::uuid_tree(fs_uuid);
     let uuid_shape = fixed_shape(&uuid_items);
     let reloc_items = trees::reloc_tree(g, time);
@@ -344,12 +335,16 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
     };
     let root_shape = fixed_shape(&trees::root_tree(&root_input(&Default::default())));
 
-    // Fixed point: the extent and free-space trees describe all blocks, their own too.
+    // Fixed point: the extent and free-space trees describe all blocks, their
+    // own too, and the number of metadata chunks (chunk and dev tree items)
+    // follows from the number of blocks.
     let mut ext_shape = Shape {
         levels: vec![vec![0]],
         items: 0,
     };
     let mut fst_shape = ext_shape.clone();
+    let mut chunk_shape = ext_shape.clone();
+    let mut dev_shape = ext_shape.clone();
     for _ in 0..64 {
         let shapes: [&Shape; 9] = [
             &fs_shape,
@@ -365,13 +360,12 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
         let meta_blocks: u64 = shapes[..T_CHUNK].iter().map(|s| s.blocks() as u64).sum();
         let self_blocks = (ext_shape.blocks() + csum_shape.blocks() + fst_shape.blocks()) as u64;
         let slack = metadata_slack(nodesize, self_blocks);
-        let mut meta = space::metadata_chunk(
+        let mut metas = space::metadata_chunks(
             meta_start,
             meta_blocks * n64 + slack,
             opts.metadata_dup,
             meta_ty,
         );
-        meta.used = meta_blocks * n64;
         let mut sys = system.clone();
         sys.used = chunk_shape.blocks() as u64 * n64;
         if sys.used > sys.length {
@@ -380,7 +374,11 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
 
         // Addresses: each tree's leaves first, then each node level, root last.
         let mut addrs: Vec<Vec<Vec<u64>>> = Vec::with_capacity(9);
-        let mut slots = space::block_slots(&meta, n64);
+        let mut slots = metas
+            .iter()
+            .flat_map(|m| space::block_slots(m, n64))
+            .collect::<Vec<u64>>()
+            .into_iter();
         let mut sys_slots = space::block_slots(&sys, n64);
         let mut blocks = Vec::new();
         for (t, s) in shapes.iter().enumerate() {
@@ -405,24 +403,36 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
             }
             addrs.push(per_level);
         }
+        for m in &mut metas {
+            let n = blocks
+                .iter()
+                .filter(|b| b.logical >= m.logical && b.logical < m.end())
+                .count() as u64;
+            m.used = n * n64;
+        }
+        let layout_end = metas
+            .last()
+            .map(|m| m.stripes.last().copied().unwrap_or(0) + m.length)
+            .unwrap_or(meta_start);
         let chunks: Vec<Chunk> = std::iter::once(sys)
             .chain(data_chunks.iter().cloned())
-            .chain(std::iter::once(meta))
+            .chain(metas)
             .collect();
 
-        let ext_items = trees::extent_tree(&blocks, &extents, &ext_ino, &chunks);
+        let ext_items = trees::extent_tree(&blocks, &extents, &ext_ino, &chunks, &OWNERS);
         let fst_items = trees::free_space_tree(&blocks, &extents, &chunks, nodesize);
-        let new_ext = pack(&ext_items, nodesize);
-        let new_fst = pack(&fst_items, nodesize);
-        if new_ext != ext_shape || new_fst != fst_shape {
-            ext_shape = new_ext;
-            fst_shape = new_fst;
+        let new_shapes = [
+            pack(&ext_items, nodesize),
+            pack(&fst_items, nodesize),
+            fixed_shape(&trees::chunk_tree(DevItem::default(), &chunks)),
+            fixed_shape(&trees::dev_tree(&chunks, chunk_tree_uuid)),
+        ];
+        if new_shapes != [&ext_shape, &fst_shape, &chunk_shape, &dev_shape].map(Shape::clone) {
+            [ext_shape, fst_shape, chunk_shape, dev_shape] = new_shapes;
             continue;
         }
 
         // Converged: fill in the trees whose items depend on the final layout.
-        let meta = chunks.last().cloned().unwrap_or_else(|| system.clone());
-        let layout_end = meta.stripes.last().copied().unwrap_or(0) + meta.length;
         let min_total = layout_end + space::round_up(opts.extra_space, SECTOR_SIZE);
         let total_bytes = match opts.size {
             Some(s) if s < min_total => {

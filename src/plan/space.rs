@@ -99,9 +99,37 @@ pub fn data_chunks(start: u64, end: u64, extents: &[super::data::DataExtent]) ->
     chunks
 }
 
-/// Lays out the METADATA chunk at physical (= logical) `start` so that `need`
-/// bytes of tree blocks fit around the excluded mirror ranges.
-pub fn metadata_chunk(start: u64, need: u64, dup: bool, ty: u64) -> Chunk {
+/// Largest METADATA chunk. With DUP, a sequential reader meets the second copy
+/// of a block one chunk length after the first; small chunks keep that distance
+/// (and so the block cache a reader needs) bounded.
+pub const METADATA_CHUNK_MAX: u64 = 32 * MIB;
+
+/// Lays out METADATA chunks from physical (= logical) `start`, each with its
+/// stripes side by side, until `need` bytes of tree blocks fit around the
+/// excluded mirror ranges.
+pub fn metadata_chunks(start: u64, need: u64, dup: bool, ty: u64) -> Vec<Chunk> {
+    let mut out: Vec<Chunk> = Vec::new();
+    let mut left = need.max(1);
+    let mut pos = start;
+    while left > 0 {
+        let c = metadata_chunk(
+            pos,
+            left.min(METADATA_CHUNK_MAX),
+            dup,
+            ty,
+            METADATA_CHUNK_MAX,
+        );
+        let usable = c.length - c.excluded().iter().map(|x| x.len).sum::<u64>();
+        left = left.saturating_sub(usable);
+        pos = c.stripes.last().copied().unwrap_or(pos) + c.length;
+        out.push(c);
+    }
+    out
+}
+
+/// One METADATA chunk at physical (= logical) `start` holding `need` bytes of
+/// tree blocks around the excluded mirror ranges, at most `max` bytes long.
+fn metadata_chunk(start: u64, need: u64, dup: bool, ty: u64, max: u64) -> Chunk {
     let mut length = round_up(need.max(STRIPE_LEN), STRIPE_LEN);
     loop {
         let stripes = if dup {
@@ -117,7 +145,7 @@ pub fn metadata_chunk(start: u64, need: u64, dup: bool, ty: u64) -> Chunk {
             used: 0,
         };
         let lost: u64 = c.excluded().iter().map(|x| x.len).sum();
-        if length - lost >= need {
+        if length - lost >= need || length >= max {
             return c;
         }
         length += STRIPE_LEN;
@@ -218,7 +246,11 @@ mod tests {
 
     #[test]
     fn dup_metadata_skips_mirror_in_second_stripe() {
-        let c = metadata_chunk(40 * MIB, 20 * MIB, true, 0x24);
+        let c = metadata_chunk(40 * MIB, 20 * MIB, true, 0x24, METADATA_CHUNK_MAX);
+        assert_eq!(
+            metadata_chunks(40 * MIB, 20 * MIB, true, 0x24),
+            vec![c.clone()]
+        );
         // Stripe 1 covers [40+L, 40+2L) which contains 64 MiB.
         let ex = c.excluded();
         assert_eq!(ex.len(), 1);
@@ -227,6 +259,20 @@ mod tests {
             block_slots(&c, 16384).count() as u64,
             (c.length - 65536) / 16384
         );
+    }
+
+    #[test]
+    fn large_metadata_is_split_into_bounded_chunks() {
+        let cs = metadata_chunks(3 * MIB, 100 * MIB, true, 0x24);
+        assert!(cs.iter().all(|c| c.length <= METADATA_CHUNK_MAX));
+        let usable: u64 = cs
+            .iter()
+            .map(|c| c.length - c.excluded().iter().map(|x| x.len).sum::<u64>())
+            .sum();
+        assert!(usable >= 100 * MIB);
+        for w in cs.windows(2) {
+            assert_eq!(w[1].stripes[0], w[0].stripes[1] + w[0].length);
+        }
     }
 
     #[test]

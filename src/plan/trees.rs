@@ -8,6 +8,7 @@ use super::space::Chunk;
 use crate::format::hash::name_hash;
 use crate::format::items::{ChunkItem, DevExtent, DevItem, InodeItem, RootItem, Stripe};
 use crate::format::*;
+use std::sync::Arc;
 
 /// One tree block as the extent and free-space trees see it.
 #[derive(Clone, Copy, Debug)]
@@ -232,95 +233,102 @@ pub fn csum_tree(extents: &[DataExtent], chunks: &[Chunk], nodesize: u32) -> Vec
     VecItems(v)
 }
 
-/// An extent-tree record, kept small because there is one per block and per extent.
+/// An extent-tree record, kept small (16 bytes) because there is one per tree
+/// block and per data extent: data extents and block groups are referenced by
+/// index rather than copied.
 #[derive(Clone, Copy, Debug)]
 pub enum ExtentRec {
-    Block {
-        logical: u64,
-        level: u8,
-        owner: u64,
-    },
-    Data {
-        logical: u64,
-        len: u64,
-        ino: u64,
-        offset: u64,
-    },
-    Group {
-        start: u64,
-        len: u64,
-        used: u64,
-        flags: u64,
-    },
+    Block { logical: u64, level: u8, owner: u8 },
+    Data(u32),
+    Group(u32),
 }
 
-impl ExtentRec {
-    fn key(&self) -> Key {
-        match *self {
+pub struct ExtentItems {
+    recs: Vec<ExtentRec>,
+    extents: Arc<Vec<DataExtent>>,
+    /// Inode number of each data extent's file.
+    ext_ino: Arc<Vec<u64>>,
+    groups: Vec<Chunk>,
+    owners: &'static [u64],
+}
+
+impl ExtentItems {
+    fn key(&self, r: &ExtentRec) -> Key {
+        match *r {
             ExtentRec::Block { logical, level, .. } => {
                 Key::new(logical, METADATA_ITEM_KEY, level as u64)
             }
-            ExtentRec::Data { logical, len, .. } => Key::new(logical, EXTENT_ITEM_KEY, len),
-            ExtentRec::Group { start, len, .. } => Key::new(start, BLOCK_GROUP_ITEM_KEY, len),
+            ExtentRec::Data(i) => {
+                let e = &self.extents[i as usize];
+                Key::new(e.logical, EXTENT_ITEM_KEY, e.len)
+            }
+            ExtentRec::Group(i) => {
+                let c = &self.groups[i as usize];
+                Key::new(c.logical, BLOCK_GROUP_ITEM_KEY, c.length)
+            }
         }
     }
 
-    fn item(&self) -> Item<'static> {
-        let body = match *self {
-            ExtentRec::Block { owner, .. } => Body::MetadataExtent { owner },
-            ExtentRec::Data { ino, offset, .. } => Body::DataExtent { ino, offset },
-            ExtentRec::Group { used, flags, .. } => Body::BlockGroup { used, flags },
+    fn item(&self, r: &ExtentRec) -> Item<'static> {
+        let body = match *r {
+            ExtentRec::Block { owner, .. } => Body::MetadataExtent {
+                owner: self.owners[owner as usize],
+            },
+            ExtentRec::Data(i) => Body::DataExtent {
+                ino: self.ext_ino[i as usize],
+                offset: self.extents[i as usize].file_offset,
+            },
+            ExtentRec::Group(i) => {
+                let c = &self.groups[i as usize];
+                Body::BlockGroup {
+                    used: c.used,
+                    flags: c.ty,
+                }
+            }
         };
         Item {
-            key: self.key(),
+            key: self.key(r),
             body,
         }
     }
 }
 
-pub struct ExtentItems(pub Vec<ExtentRec>);
-
 impl ItemSource for ExtentItems {
     fn count(&self) -> u64 {
-        self.0.len() as u64
+        self.recs.len() as u64
     }
     fn iter_from(&self, start: u64) -> Box<dyn Iterator<Item = Item<'_>> + '_> {
-        Box::new(self.0[start as usize..].iter().map(|r| r.item()))
+        Box::new(self.recs[start as usize..].iter().map(|r| self.item(r)))
     }
 }
 
-/// `ext_ino[i]` is the inode number owning data extent `i`.
+/// `ext_ino[i]` is the inode number owning data extent `i`; `owners[b.owner]`
+/// is the tree id of a block.
 pub fn extent_tree(
     blocks: &[BlockInfo],
-    extents: &[DataExtent],
-    ext_ino: &[u64],
+    extents: &Arc<Vec<DataExtent>>,
+    ext_ino: &Arc<Vec<u64>>,
     chunks: &[Chunk],
+    owners: &'static [u64],
 ) -> ExtentItems {
-    let mut v: Vec<ExtentRec> = Vec::with_capacity(blocks.len() + extents.len() + chunks.len());
-    v.extend(blocks.iter().map(|b| ExtentRec::Block {
+    let mut recs: Vec<ExtentRec> = Vec::with_capacity(blocks.len() + extents.len() + chunks.len());
+    recs.extend(blocks.iter().map(|b| ExtentRec::Block {
         logical: b.logical,
         level: b.level,
-        owner: b.owner,
+        owner: owners.iter().position(|&o| o == b.owner).unwrap_or(0) as u8,
     }));
-    v.extend(
-        extents
-            .iter()
-            .zip(ext_ino)
-            .map(|(e, &ino)| ExtentRec::Data {
-                logical: e.logical,
-                len: e.len,
-                ino,
-                offset: e.file_offset,
-            }),
-    );
-    v.extend(chunks.iter().map(|c| ExtentRec::Group {
-        start: c.logical,
-        len: c.length,
-        used: c.used,
-        flags: c.ty,
-    }));
-    v.sort_by_key(|r| r.key());
-    ExtentItems(v)
+    recs.extend((0..extents.len() as u32).map(ExtentRec::Data));
+    recs.extend((0..chunks.len() as u32).map(ExtentRec::Group));
+    let mut items = ExtentItems {
+        recs: Vec::new(),
+        extents: extents.clone(),
+        ext_ino: ext_ino.clone(),
+        groups: chunks.to_vec(),
+        owners,
+    };
+    recs.sort_unstable_by(|a, b| items.key(a).cmp(&items.key(b)));
+    items.recs = recs;
+    items
 }
 
 /// Free-space tree: for every block group, the maximal ranges not covered by a

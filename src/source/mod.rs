@@ -46,21 +46,41 @@ pub struct Node {
     pub host_ctime: Timespec,
     /// i_size (regular files), target length (symlinks), 0 otherwise.
     pub size: u64,
-    /// Device number in the kernel's internal encoding (major << 20 | minor).
-    pub rdev: u64,
-    /// Directories: their children are nodes `first_child .. first_child + nchildren`.
-    pub first_child: u32,
-    pub nchildren: u32,
     /// Hard links: the first node (in tree order) of the same host inode; itself otherwise.
     pub link_rep: u32,
     xattr_start: u32,
     xattr_count: u32,
-    /// Regular files: data segments (`segments[seg_start..][..seg_count]`), or
-    /// `NONE` when the whole file is data.
-    seg_start: u32,
-    seg_count: u32,
-    blob_off: u64,
-    blob_len: u32,
+    /// Kind-specific values, kept in one place because every entry has one kind:
+    /// directories: first child, child count; regular files: first data segment
+    /// (`NONE` = the whole file is data), segment count; symlinks: target offset in
+    /// the blob arena (`wide`), target length; devices: rdev (`wide`).
+    wide: u64,
+    a: u32,
+    b: u32,
+}
+
+impl Node {
+    /// Device number in the kernel's internal encoding (major << 20 | minor).
+    pub fn rdev(&self) -> u64 {
+        match self.kind {
+            Kind::CharDev | Kind::BlockDev => self.wide,
+            _ => 0,
+        }
+    }
+
+    /// Directories: number of entries.
+    pub fn nchildren(&self) -> u32 {
+        if self.kind == Kind::Dir {
+            self.b
+        } else {
+            0
+        }
+    }
+
+    /// Directories: node index of the first entry.
+    pub fn first_child(&self) -> u32 {
+        self.a
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -104,7 +124,10 @@ impl SourceTree {
     /// Symlink target bytes (no trailing NUL).
     pub fn link_target(&self, n: u32) -> &[u8] {
         let node = &self.nodes[n as usize];
-        &self.blobs[node.blob_off as usize..node.blob_off as usize + node.blob_len as usize]
+        if node.kind != Kind::Symlink {
+            return &[];
+        }
+        &self.blobs[node.wide as usize..node.wide as usize + node.b as usize]
     }
 
     /// Extended attributes as (name, value), sorted by name.
@@ -129,7 +152,7 @@ impl SourceTree {
     /// Data segments of a regular file; a file without holes is one segment.
     pub fn segments(&self, n: u32) -> Vec<Segment> {
         let node = &self.nodes[n as usize];
-        if node.seg_start == NONE {
+        if node.kind != Kind::File || node.a == NONE {
             if node.size == 0 {
                 Vec::new()
             } else {
@@ -139,15 +162,14 @@ impl SourceTree {
                 }]
             }
         } else {
-            self.segments[node.seg_start as usize..(node.seg_start + node.seg_count) as usize]
-                .to_vec()
+            self.segments[node.a as usize..(node.a + node.b) as usize].to_vec()
         }
     }
 
     /// Children of a directory node, in name order.
     pub fn children(&self, n: u32) -> std::ops::Range<u32> {
         let node = &self.nodes[n as usize];
-        node.first_child..node.first_child + node.nchildren
+        node.first_child()..node.first_child() + node.nchildren()
     }
 
     /// Host path of a node (for reading and for messages); for directories that

@@ -222,8 +222,8 @@ impl Builder {
             }
         }
         let node = &mut self.tree.nodes[n as usize];
-        node.first_child = first as u32;
-        node.nchildren = count;
+        node.a = first as u32;
+        node.b = count;
         Ok(())
     }
 
@@ -265,16 +265,12 @@ impl Builder {
             mtime: Timespec::default(),
             host_ctime: Timespec::default(),
             size: 0,
-            rdev: 0,
-            first_child: 0,
-            nchildren: 0,
             link_rep: idx,
             xattr_start: self.tree.xattrs.len() as u32,
             xattr_count: 0,
-            seg_start: NONE,
-            seg_count: 0,
-            blob_off: 0,
-            blob_len: 0,
+            wide: 0,
+            a: NONE,
+            b: 0,
         }
     }
 
@@ -338,8 +334,8 @@ impl Builder {
                 node.size = meta.len();
                 if node.link_rep == idx && meta.len() > 0 && meta.blocks() * 512 < meta.len() {
                     let segs = data_segments(path, meta.len())?;
-                    node.seg_start = self.tree.segments.len() as u32;
-                    node.seg_count = segs.len() as u32;
+                    node.a = self.tree.segments.len() as u32;
+                    node.b = segs.len() as u32;
                     self.tree.segments.extend(segs);
                 }
             }
@@ -347,14 +343,14 @@ impl Builder {
                 let target = fs::read_link(path).map_err(|e| Error::io(path, e))?;
                 let t = target.as_os_str().as_bytes();
                 node.size = t.len() as u64;
-                node.blob_off = self.tree.blobs.len() as u64;
-                node.blob_len = t.len() as u32;
+                node.wide = self.tree.blobs.len() as u64;
+                node.b = t.len() as u32;
                 self.tree.blobs.extend_from_slice(t);
             }
             Kind::CharDev | Kind::BlockDev => {
                 let dev = meta.rdev();
                 let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
-                node.rdev = (major << 20) | minor;
+                node.wide = (major << 20) | minor;
             }
             _ => {}
         }
