@@ -326,7 +326,7 @@ pub fn extent_tree(
         groups: chunks.to_vec(),
         owners,
     };
-    recs.sort_unstable_by(|a, b| items.key(a).cmp(&items.key(b)));
+    recs.sort_unstable_by_key(|r| items.key(r));
     items.recs = recs;
     items
 }
