@@ -36,6 +36,7 @@ pub fn plan_sources(sources: &source::Sources, opts: &Options) -> Result<plan::P
         &source::WalkOptions {
             xattrs: true,
             virtual_time: opts.timestamp,
+            threads: 0,
         },
     )?;
     plan::build(tree, opts)

@@ -45,6 +45,16 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Plan the image and print its exact size and layout, without producing it.
+    Plan {
+        /// Directory whose contents become the image root.
+        root: Option<PathBuf>,
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Print only the image size in bytes.
+        #[arg(long)]
+        bytes: bool,
+    },
     /// Serve the image as the read-only file MOUNTPOINT/fs.img (FUSE), in the
     /// foreground, until unmounted (fusermount3 -u MOUNTPOINT) or interrupted.
     Mount {
@@ -348,6 +358,20 @@ fn run(cli: Cli) -> Result<(), Error> {
                 let path = output.unwrap_or_default();
                 export::write_file(&img, &path, force, &eopts)
             }
+        }
+        Cmd::Plan { root, image, bytes } => {
+            let opts = options(&image)?;
+            let srcs = sources(root, &image)?;
+            let start = std::time::Instant::now();
+            let plan = btrfsimg::plan_sources(&srcs, &opts)?;
+            let secs = start.elapsed().as_secs_f64();
+            if bytes {
+                println!("{}", plan.total_bytes);
+            } else {
+                print!("{}", plan.summary());
+                println!("planned in {secs:.3} s");
+            }
+            Ok(())
         }
         Cmd::Mount {
             mut paths,

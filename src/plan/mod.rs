@@ -131,6 +131,92 @@ pub struct Plan {
     pub data_sectors: u64,
 }
 
+impl Plan {
+    /// A human-readable description of the layout.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let mut s = String::new();
+        let u = &self.fsid;
+        let _ = writeln!(
+            s,
+            "uuid: {:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{}",
+            u[0],
+            u[1],
+            u[2],
+            u[3],
+            u[4],
+            u[5],
+            u[6],
+            u[7],
+            u[8],
+            u[9],
+            u[10..]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let _ = writeln!(
+            s,
+            "image size: {} bytes ({:.2} MiB)",
+            self.total_bytes,
+            mib(self.total_bytes)
+        );
+        let _ = writeln!(s, "entries: {}", self.source.len());
+        let data: u64 = self.extents.iter().map(|e| e.len).sum();
+        let _ = writeln!(
+            s,
+            "file data: {} bytes in {} extents",
+            data,
+            self.extents.len()
+        );
+        let names = [
+            "fs",
+            "csum",
+            "extent",
+            "free-space",
+            "dev",
+            "uuid",
+            "data-reloc",
+            "root",
+            "chunk",
+        ];
+        let total_blocks: usize = self.trees.iter().map(|t| t.shape.blocks()).sum();
+        let _ = writeln!(
+            s,
+            "tree blocks: {} ({:.2} MiB): {}",
+            total_blocks,
+            mib(total_blocks as u64 * self.nodesize as u64),
+            self.trees
+                .iter()
+                .zip(names)
+                .map(|(t, n)| format!("{n} {}", t.shape.blocks()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for c in &self.chunks {
+            let kind = if c.ty & BLOCK_GROUP_DATA != 0 {
+                "data"
+            } else if c.ty & BLOCK_GROUP_SYSTEM != 0 {
+                "system"
+            } else {
+                "metadata"
+            };
+            let profile = if c.ty & BLOCK_GROUP_DUP != 0 {
+                "dup"
+            } else {
+                "single"
+            };
+            let _ = writeln!(
+                s,
+                "chunk {kind:8} {profile:6} logical {:>12} length {:>11} used {:>11}",
+                c.logical, c.length, c.used
+            );
+        }
+        s
+    }
+}
+
 fn derive_uuid(parts: &[&[u8]]) -> [u8; 16] {
     let mut h = Sha256::new();
     for p in parts {

@@ -3,6 +3,7 @@
 //! Nothing here reads file data; the planner never sees the host again.
 
 mod spec;
+mod sys;
 mod walk;
 
 use crate::format::Timespec;

@@ -3,17 +3,20 @@
 //! (ROOT, virtual closure directories, overlay directories); their entries are
 //! merged by name. Children are sorted by name bytes so nothing of the host's
 //! readdir order or inode numbering reaches the image.
+//!
+//! Directories are listed (readdir + fstatat relative to the open directory) by
+//! a few threads in batches, then merged into the tree by one thread in queue
+//! order, so the result does not depend on which thread finished first.
 
 use super::spec::{Sources, VEntry, VirtualDir};
+use super::sys::{self, Dir, Stat};
 use super::*;
 use crate::error::{Error, Result};
 use std::collections::{HashMap, VecDeque};
-use std::ffi::CString;
 use std::fs;
-use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
+
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[derive(Clone, Debug, Default)]
 pub struct WalkOptions {
@@ -21,6 +24,8 @@ pub struct WalkOptions {
     pub xattrs: bool,
     /// mtime of directories that exist only in the image (/nix, /nix/store).
     pub virtual_time: i64,
+    /// Threads listing directories (0 = one per core, at most 8).
+    pub threads: usize,
 }
 
 /// One source of a directory's entries.
@@ -29,35 +34,45 @@ enum Contrib {
     Virtual(VirtualDir),
 }
 
-/// One candidate for a name: where it comes from and what it is.
-enum Cand {
-    /// Listed from host directory `dirs[dir]`.
+/// Where one name of a directory comes from.
+enum Origin {
+    /// Listed from the listing's host directory number `dir`.
     Listed {
-        dir: u32,
-        meta: fs::Metadata,
+        dir: usize,
     },
-    /// Grafted host path (store path, registration).
-    Graft {
-        path: PathBuf,
-        meta: fs::Metadata,
-    },
+    /// A grafted host path (store path, registration).
+    Graft(PathBuf),
     Virtual(VirtualDir),
 }
 
-impl Cand {
+/// One name from one contributor, with everything the tree needs about it.
+struct Entry {
+    name: Vec<u8>,
+    origin: Origin,
+    stat: Option<Stat>,
+    target: Vec<u8>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    segments: Option<Vec<Segment>>,
+}
+
+impl Entry {
     fn is_dir(&self) -> bool {
-        match self {
-            Cand::Listed { meta, .. } | Cand::Graft { meta, .. } => meta.is_dir(),
-            Cand::Virtual(_) => true,
-        }
+        self.stat.as_ref().is_none_or(Stat::is_dir)
     }
+}
+
+/// All contributors of one image directory, read.
+struct Listing {
+    host_dirs: Vec<PathBuf>,
+    entries: Vec<Entry>,
 }
 
 struct Builder {
     tree: SourceTree,
     links: HashMap<(u64, u64), u32>,
     opts: WalkOptions,
-    pending: VecDeque<Vec<Contrib>>,
+    /// Directory nodes still to be listed, in node order, with their contributors.
+    pending: VecDeque<(u32, Vec<Contrib>)>,
 }
 
 /// Walks a single directory (`mkfs.btrfs --rootdir` style).
@@ -71,8 +86,8 @@ pub fn walk_dir(root: &Path, opts: &WalkOptions) -> Result<SourceTree> {
     )
 }
 
-fn check_dir(p: &Path, what: &str) -> Result<fs::Metadata> {
-    let m = fs::symlink_metadata(p).map_err(|e| Error::io(p, e))?;
+fn check_dir(p: &Path, what: &str) -> Result<Stat> {
+    let m = sys::lstat(p).map_err(|e| Error::io(p, e))?;
     if !m.is_dir() {
         return Err(Error::at(p, format!("{what} is not a directory")));
     }
@@ -82,7 +97,7 @@ fn check_dir(p: &Path, what: &str) -> Result<fs::Metadata> {
 /// Walks all sources into one `SourceTree`.
 pub fn walk(sources: &Sources, opts: &WalkOptions) -> Result<SourceTree> {
     let mut contribs = Vec::new();
-    let root_meta = match &sources.root {
+    let root_stat = match &sources.root {
         Some(r) => {
             let m = check_dir(r, "ROOT")?;
             contribs.push(Contrib::Host(r.clone()));
@@ -112,113 +127,232 @@ pub fn walk(sources: &Sources, opts: &WalkOptions) -> Result<SourceTree> {
         opts: opts.clone(),
         pending: VecDeque::new(),
     };
-    match (&sources.root, root_meta) {
-        (Some(r), Some(m)) => {
-            b.push_host(r, NONE, NONE, b"", &m)?;
+    match (&sources.root, root_stat) {
+        (Some(r), Some(st)) => {
+            let e = read_entry(r, b"", Origin::Graft(r.clone()), opts.xattrs)?;
+            debug_assert!(e.stat.is_some_and(|s| s.mode == st.mode));
+            b.push_entry(NONE, NONE, e);
             b.tree.host_paths.insert(0, r.clone());
         }
         _ => b.push_virtual_dir(NONE, b""),
     }
-    b.pending.push_back(contribs);
+    b.pending.push_back((0, contribs));
 
-    let mut i = 0usize;
-    while i < b.tree.nodes.len() {
-        if b.tree.nodes[i].kind == Kind::Dir {
-            let c = b.pending.pop_front().unwrap_or_default();
-            b.read_dir(i as u32, c)?;
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+        n => n,
+    };
+    while !b.pending.is_empty() {
+        let batch: Vec<(u32, Vec<Contrib>)> = {
+            let n = b.pending.len().min(256 * threads);
+            b.pending.drain(..n).collect()
+        };
+        let listings = list_batch(&batch, threads, opts.xattrs);
+        for ((n, _), listing) in batch.iter().zip(listings) {
+            b.merge(*n, listing?)?;
         }
-        i += 1;
     }
+    b.tree.nodes.shrink_to_fit();
+    b.tree.names.shrink_to_fit();
+    b.tree.blobs.shrink_to_fit();
     Ok(b.tree)
 }
 
-impl Builder {
-    fn read_dir(&mut self, n: u32, contribs: Vec<Contrib>) -> Result<()> {
-        let mut cands: BTreeMap<Vec<u8>, Vec<Cand>> = BTreeMap::new();
-        for c in contribs {
-            match c {
-                Contrib::Host(dir) => {
-                    let idx = self.tree.dirs.len() as u32;
-                    let rd = fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-                    let mut names = Vec::new();
-                    for ent in rd {
-                        let ent = ent.map_err(|e| Error::io(&dir, e))?;
-                        names.push(ent.file_name().as_bytes().to_vec());
+/// Lists the directories of a batch on `threads` threads; results in batch order.
+fn list_batch(batch: &[(u32, Vec<Contrib>)], threads: usize, xattrs: bool) -> Vec<Result<Listing>> {
+    if threads <= 1 || batch.len() < 2 {
+        return batch.iter().map(|(_, c)| list(c, xattrs)).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<(usize, Result<Listing>)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.min(batch.len()))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((_, c)) = batch.get(i) else { break };
+                        done.push((i, list(c, xattrs)));
                     }
-                    for name in names {
-                        let path = dir.join(OsStr::from_bytes(&name));
-                        let meta = fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
-                        cands
-                            .entry(name)
-                            .or_default()
-                            .push(Cand::Listed { dir: idx, meta });
-                    }
-                    self.tree.dirs.push(dir);
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    vec![(0, Err(Error::msg("directory listing thread panicked")))]
+                })
+            })
+            .collect()
+    });
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Reads every contributor of one directory.
+fn list(contribs: &[Contrib], xattrs: bool) -> Result<Listing> {
+    let mut l = Listing {
+        host_dirs: Vec::new(),
+        entries: Vec::new(),
+    };
+    for c in contribs {
+        match c {
+            Contrib::Host(dir) => {
+                let d = Dir::open(dir).map_err(|e| Error::io(dir, e))?;
+                let names = d.names().map_err(|e| Error::io(dir, e))?;
+                let idx = l.host_dirs.len();
+                for name in names {
+                    l.entries.push(read_listed(&d, dir, name, idx, xattrs)?);
                 }
-                Contrib::Virtual(v) => {
-                    for (name, e) in v.entries {
-                        let cand = match e {
-                            VEntry::Dir(d) => Cand::Virtual(d),
-                            VEntry::Host(path) => {
-                                let meta =
-                                    fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
-                                Cand::Graft { path, meta }
-                            }
-                        };
-                        cands.entry(name).or_default().push(cand);
-                    }
+                l.host_dirs.push(dir.clone());
+            }
+            Contrib::Virtual(v) => {
+                for (name, e) in &v.entries {
+                    l.entries.push(match e {
+                        VEntry::Dir(d) => Entry {
+                            name: name.clone(),
+                            origin: Origin::Virtual(d.clone()),
+                            stat: None,
+                            target: Vec::new(),
+                            xattrs: Vec::new(),
+                            segments: None,
+                        },
+                        VEntry::Host(path) => {
+                            read_entry(path, name, Origin::Graft(path.clone()), xattrs)?
+                        }
+                    });
                 }
             }
         }
+    }
+    Ok(l)
+}
+
+fn is_sparse(st: &Stat) -> bool {
+    st.file_type() == libc::S_IFREG && st.size > 0 && st.blocks * 512 < st.size
+}
+
+/// One entry of an open host directory.
+fn read_listed(d: &Dir, dir: &Path, name: Vec<u8>, idx: usize, xattrs: bool) -> Result<Entry> {
+    let full = || dir.join(sys::os(&name));
+    let st = d.lstat(&name).map_err(|e| Error::io(&full(), e))?;
+    let mut e = Entry {
+        name: Vec::new(),
+        origin: Origin::Listed { dir: idx },
+        stat: Some(st),
+        target: Vec::new(),
+        xattrs: Vec::new(),
+        segments: None,
+    };
+    if st.file_type() == libc::S_IFLNK {
+        e.target = d.readlink(&name).map_err(|e| Error::io(&full(), e))?;
+    }
+    if is_sparse(&st) {
+        let f = d.open_file(&name).map_err(|e| Error::io(&full(), e))?;
+        e.segments = Some(sys::data_segments(&f, st.size).map_err(|e| Error::io(&full(), e))?);
+    }
+    if xattrs {
+        let p = full();
+        let names = d.xattr_names(&name, &p).map_err(|e| Error::io(&p, e))?;
+        if !names.is_empty() {
+            e.xattrs = sys::xattrs(&p, &names).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    e.name = name;
+    Ok(e)
+}
+
+/// A host path read on its own (ROOT, grafts).
+fn read_entry(path: &Path, name: &[u8], origin: Origin, xattrs: bool) -> Result<Entry> {
+    let st = sys::lstat(path).map_err(|e| Error::io(path, e))?;
+    let mut e = Entry {
+        name: name.to_vec(),
+        origin,
+        stat: Some(st),
+        target: Vec::new(),
+        xattrs: Vec::new(),
+        segments: None,
+    };
+    if st.file_type() == libc::S_IFLNK {
+        let t = fs::read_link(path).map_err(|e| Error::io(path, e))?;
+        e.target = t.into_os_string().into_encoded_bytes();
+    }
+    if is_sparse(&st) {
+        let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        e.segments = Some(sys::data_segments(&f.into(), st.size).map_err(|e| Error::io(path, e))?);
+    }
+    if xattrs {
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        let d = Dir::open(parent).map_err(|e| Error::io(parent, e))?;
+        let base = path
+            .file_name()
+            .map(|b| b.as_encoded_bytes())
+            .unwrap_or(b".");
+        let names = d.xattr_names(base, path).map_err(|e| Error::io(path, e))?;
+        if !names.is_empty() {
+            e.xattrs = sys::xattrs(path, &names).map_err(|e| Error::io(path, e))?;
+        }
+    }
+    Ok(e)
+}
+
+impl Builder {
+    /// Adds the entries of directory node `n` (all contributors merged by name).
+    fn merge(&mut self, n: u32, mut l: Listing) -> Result<()> {
+        let base = self.tree.dirs.len() as u32;
+        self.tree.dirs.append(&mut l.host_dirs);
+        // Stable: for equal names, contributors keep their order (ROOT, closure, --files).
+        l.entries.sort_by(|a, b| a.name.cmp(&b.name));
 
         let first = self.tree.nodes.len();
-        if first + cands.len() >= NONE as usize {
+        let mut groups: Vec<Vec<Entry>> = Vec::new();
+        for e in l.entries {
+            match groups.last_mut() {
+                Some(g) if g[0].name == e.name => g.push(e),
+                _ => groups.push(vec![e]),
+            }
+        }
+        if first + groups.len() >= NONE as usize {
             return Err(Error::at(
                 &self.tree.path(n),
                 "too many entries in the tree",
             ));
         }
-        let count = cands.len() as u32;
-        for (name, list) in cands {
-            if list.len() > 1 && !list.iter().all(Cand::is_dir) {
-                return Err(self.conflict(n, &name, &list));
+        let count = groups.len() as u32;
+        for group in groups {
+            if group.len() > 1 && !group.iter().all(Entry::is_dir) {
+                return Err(self.conflict(n, &group, base));
             }
             let mut children = Vec::new();
-            let mut pushed = false;
-            for cand in list {
-                match cand {
-                    Cand::Listed { dir, meta } => {
-                        let path = self.tree.dirs[dir as usize].join(OsStr::from_bytes(&name));
-                        if !pushed {
-                            self.push_host(&path, n, dir, &name, &meta)?;
-                            pushed = true;
-                        }
-                        if meta.is_dir() {
-                            children.push(Contrib::Host(path));
-                        }
+            let mut group = group.into_iter();
+            let Some(head) = group.next() else { continue };
+            for e in std::iter::once(&head).chain(group.as_slice()) {
+                if !e.is_dir() {
+                    continue;
+                }
+                children.push(match &e.origin {
+                    Origin::Listed { dir } => {
+                        Contrib::Host(self.tree.dirs[base as usize + dir].join(sys::os(&e.name)))
                     }
-                    Cand::Graft { path, meta } => {
-                        if !pushed {
-                            let idx = self.tree.nodes.len() as u32;
-                            self.push_host(&path, n, NONE, &name, &meta)?;
-                            self.tree.host_paths.insert(idx, path.clone());
-                            pushed = true;
-                        }
-                        if meta.is_dir() {
-                            children.push(Contrib::Host(path));
-                        }
-                    }
-                    Cand::Virtual(d) => {
-                        if !pushed {
-                            self.push_virtual_dir(n, &name);
-                            pushed = true;
-                        }
-                        children.push(Contrib::Virtual(d));
-                    }
+                    Origin::Graft(p) => Contrib::Host(p.clone()),
+                    Origin::Virtual(d) => Contrib::Virtual(d.clone()),
+                });
+            }
+            let idx = self.tree.nodes.len() as u32;
+            let is_dir = head.is_dir();
+            match head.origin {
+                Origin::Virtual(_) => self.push_virtual_dir(n, &head.name),
+                Origin::Listed { dir } => self.push_entry(n, base + dir as u32, head),
+                Origin::Graft(ref p) => {
+                    let p = p.clone();
+                    self.push_entry(n, NONE, head);
+                    self.tree.host_paths.insert(idx, p);
                 }
             }
-            if self.tree.nodes.last().map(|x| x.kind) == Some(Kind::Dir) {
-                self.pending.push_back(children);
+            if is_dir {
+                self.pending.push_back((idx, children));
             }
         }
         let node = &mut self.tree.nodes[n as usize];
@@ -228,23 +362,23 @@ impl Builder {
     }
 
     /// The error for two sources providing the same non-directory path.
-    fn conflict(&self, parent: u32, name: &[u8], list: &[Cand]) -> Error {
-        let describe = |c: &Cand| match c {
-            Cand::Listed { dir, .. } => self.tree.dirs[*dir as usize]
-                .join(OsStr::from_bytes(name))
+    fn conflict(&self, parent: u32, group: &[Entry], base: u32) -> Error {
+        let describe = |e: &Entry| match &e.origin {
+            Origin::Listed { dir } => self.tree.dirs[base as usize + dir]
+                .join(sys::os(&e.name))
                 .display()
                 .to_string(),
-            Cand::Graft { path, .. } => path.display().to_string(),
-            Cand::Virtual(_) => "a directory created for the closure".to_string(),
+            Origin::Graft(p) => p.display().to_string(),
+            Origin::Virtual(_) => "a directory created for the closure".to_string(),
         };
         let mut image = self.tree.image_path(parent);
-        image.push(OsStr::from_bytes(name));
+        image.push(sys::os(&group[0].name));
         Error::at(
             &image,
             format!(
                 "provided by both {} and {}",
-                describe(&list[0]),
-                describe(&list[1])
+                describe(&group[0]),
+                describe(&group[1])
             ),
         )
     }
@@ -286,182 +420,66 @@ impl Builder {
         self.tree.nodes.push(node);
     }
 
-    fn push_host(
-        &mut self,
-        path: &Path,
-        parent: u32,
-        host_dir: u32,
-        name: &[u8],
-        meta: &fs::Metadata,
-    ) -> Result<()> {
-        let idx = self.tree.nodes.len() as u32;
-        let ft = meta.file_type();
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_file() {
-            Kind::File
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else if ft.is_socket() {
-            Kind::Socket
-        } else if ft.is_char_device() {
-            Kind::CharDev
-        } else if ft.is_block_device() {
-            Kind::BlockDev
-        } else {
-            return Err(Error::at(path, "unsupported file type"));
+    fn push_entry(&mut self, parent: u32, host_dir: u32, e: Entry) {
+        let Some(st) = e.stat else {
+            return self.push_virtual_dir(parent, &e.name);
         };
-        let mut node = self.new_node(parent, host_dir, name, kind);
-        if kind != Kind::Dir && meta.nlink() > 1 {
-            node.link_rep = *self.links.entry((meta.dev(), meta.ino())).or_insert(idx);
+        let idx = self.tree.nodes.len() as u32;
+        let kind = match st.file_type() {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFREG => Kind::File,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            _ => Kind::BlockDev,
+        };
+        let mut node = self.new_node(parent, host_dir, &e.name, kind);
+        if kind != Kind::Dir && st.nlink > 1 {
+            node.link_rep = *self.links.entry((st.dev, st.ino)).or_insert(idx);
         }
-        node.mode = meta.mode();
-        node.uid = meta.uid();
-        node.gid = meta.gid();
+        node.mode = st.mode;
+        node.uid = st.uid;
+        node.gid = st.gid;
         node.mtime = Timespec {
-            sec: meta.mtime(),
-            nsec: meta.mtime_nsec() as u32,
+            sec: st.mtime.0,
+            nsec: st.mtime.1,
         };
         node.host_ctime = Timespec {
-            sec: meta.ctime(),
-            nsec: meta.ctime_nsec() as u32,
+            sec: st.ctime.0,
+            nsec: st.ctime.1,
         };
-
         match kind {
             Kind::File => {
-                node.size = meta.len();
-                if node.link_rep == idx && meta.len() > 0 && meta.blocks() * 512 < meta.len() {
-                    let segs = data_segments(path, meta.len())?;
+                node.size = st.size;
+                if let (Some(segs), true) = (e.segments, node.link_rep == idx) {
                     node.a = self.tree.segments.len() as u32;
                     node.b = segs.len() as u32;
                     self.tree.segments.extend(segs);
                 }
             }
             Kind::Symlink => {
-                let target = fs::read_link(path).map_err(|e| Error::io(path, e))?;
-                let t = target.as_os_str().as_bytes();
-                node.size = t.len() as u64;
+                node.size = e.target.len() as u64;
                 node.wide = self.tree.blobs.len() as u64;
-                node.b = t.len() as u32;
-                self.tree.blobs.extend_from_slice(t);
+                node.b = e.target.len() as u32;
+                self.tree.blobs.extend_from_slice(&e.target);
             }
             Kind::CharDev | Kind::BlockDev => {
-                let dev = meta.rdev();
-                let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+                let (major, minor) = (libc::major(st.rdev) as u64, libc::minor(st.rdev) as u64);
                 node.wide = (major << 20) | minor;
             }
             _ => {}
         }
-
-        if self.opts.xattrs {
-            let list = read_xattrs(path)?;
-            node.xattr_count = list.len() as u32;
-            for (name, value) in list {
-                self.tree.xattrs.push(XattrRef {
-                    off: self.tree.blobs.len() as u64,
-                    name_len: name.len() as u32,
-                    value_len: value.len() as u32,
-                });
-                self.tree.blobs.extend_from_slice(&name);
-                self.tree.blobs.extend_from_slice(&value);
-            }
-        }
-
-        self.tree.nodes.push(node);
-        Ok(())
-    }
-}
-/// Data ranges of a sparse file found with SEEK_DATA/SEEK_HOLE.
-fn data_segments(path: &Path, size: u64) -> Result<Vec<Segment>> {
-    let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let fd = f.as_raw_fd();
-    let mut segs = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < size {
-        // SAFETY: lseek on a valid open fd has no memory-safety preconditions.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENXIO) {
-                break;
-            }
-            if err.raw_os_error() == Some(libc::EINVAL) {
-                // The filesystem does not support SEEK_DATA: all of it is data.
-                return Ok(vec![Segment {
-                    offset: 0,
-                    len: size,
-                }]);
-            }
-            return Err(Error::io(path, err));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(Error::io(path, io::Error::last_os_error()));
-        }
-        let end = (hole as u64).min(size);
-        if end > data as u64 {
-            segs.push(Segment {
-                offset: data as u64,
-                len: end - data as u64,
+        node.xattr_count = e.xattrs.len() as u32;
+        for (name, value) in e.xattrs {
+            self.tree.xattrs.push(XattrRef {
+                off: self.tree.blobs.len() as u64,
+                name_len: name.len() as u32,
+                value_len: value.len() as u32,
             });
+            self.tree.blobs.extend_from_slice(&name);
+            self.tree.blobs.extend_from_slice(&value);
         }
-        pos = hole;
+        self.tree.nodes.push(node);
     }
-    Ok(segs)
-}
-
-fn cpath(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::at(path, "path contains a NUL byte"))
-}
-
-/// All extended attributes of `path` (not following symlinks), sorted by name.
-fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let c = cpath(path)?;
-    let mut list = vec![0u8; 1024];
-    let len = loop {
-        // SAFETY: the buffer pointer and length describe a valid writable allocation.
-        let r = unsafe { libc::llistxattr(c.as_ptr(), list.as_mut_ptr() as *mut _, list.len()) };
-        if r >= 0 {
-            break r as usize;
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ERANGE) => list.resize(list.len() * 4, 0),
-            Some(libc::ENOTSUP) => return Ok(Vec::new()),
-            _ => return Err(Error::io(path, err)),
-        }
-    };
-    let mut out = Vec::new();
-    for name in list[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let cname = CString::new(name).map_err(|_| Error::at(path, "bad xattr name"))?;
-        let mut val = vec![0u8; 256];
-        loop {
-            // SAFETY: valid C strings and a valid writable buffer.
-            let r = unsafe {
-                libc::lgetxattr(
-                    c.as_ptr(),
-                    cname.as_ptr(),
-                    val.as_mut_ptr() as *mut _,
-                    val.len(),
-                )
-            };
-            if r >= 0 {
-                val.truncate(r as usize);
-                break;
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ERANGE) {
-                val.resize(val.len().max(1024) * 4, 0);
-                continue;
-            }
-            return Err(Error::io(path, err));
-        }
-        out.push((name.to_vec(), val));
-    }
-    out.sort();
-    Ok(out)
 }
