@@ -230,8 +230,19 @@ fn list(contribs: &[Contrib], xattrs: bool) -> Result<Listing> {
     Ok(l)
 }
 
-fn is_sparse(st: &Stat) -> bool {
-    st.file_type() == libc::S_IFREG && st.size > 0 && st.blocks * 512 < st.size
+/// Whether a regular file may have holes, so SEEK_DATA/SEEK_HOLE must be asked.
+/// A dense file's allocation is its size rounded up to 4 KiB, plus one block
+/// when it has extended attributes (ext4 may keep them in an external block).
+/// Anything else (fewer blocks: holes; more: preallocation past the end, extent
+/// tree blocks, other block sizes) is probed; that costs an open and a few
+/// lseeks, which probing every file would add to the whole walk.
+fn may_have_holes(st: &Stat, has_xattrs: bool) -> bool {
+    if st.file_type() != libc::S_IFREG || st.size == 0 {
+        return false;
+    }
+    let alloc = st.blocks * 512;
+    let dense = st.size.div_ceil(4096) * 4096;
+    !(alloc == dense || (has_xattrs && alloc == dense + 4096))
 }
 
 /// One entry of an open host directory.
@@ -249,16 +260,16 @@ fn read_listed(d: &Dir, dir: &Path, name: Vec<u8>, idx: usize, xattrs: bool) -> 
     if st.file_type() == libc::S_IFLNK {
         e.target = d.readlink(&name).map_err(|e| Error::io(&full(), e))?;
     }
-    if is_sparse(&st) {
-        let f = d.open_file(&name).map_err(|e| Error::io(&full(), e))?;
-        e.segments = Some(sys::data_segments(&f, st.size).map_err(|e| Error::io(&full(), e))?);
-    }
     if xattrs {
         let p = full();
         let names = d.xattr_names(&name, &p).map_err(|e| Error::io(&p, e))?;
         if !names.is_empty() {
             e.xattrs = sys::xattrs(&p, &names).map_err(|e| Error::io(&p, e))?;
         }
+    }
+    if may_have_holes(&st, !e.xattrs.is_empty()) {
+        let f = d.open_file(&name).map_err(|e| Error::io(&full(), e))?;
+        e.segments = Some(sys::data_segments(&f, st.size).map_err(|e| Error::io(&full(), e))?);
     }
     e.name = name;
     Ok(e)
@@ -279,10 +290,6 @@ fn read_entry(path: &Path, name: &[u8], origin: Origin, xattrs: bool) -> Result<
         let t = fs::read_link(path).map_err(|e| Error::io(path, e))?;
         e.target = t.into_os_string().into_encoded_bytes();
     }
-    if is_sparse(&st) {
-        let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        e.segments = Some(sys::data_segments(&f.into(), st.size).map_err(|e| Error::io(path, e))?);
-    }
     if xattrs {
         let parent = path.parent().unwrap_or(Path::new("/"));
         let d = Dir::open(parent).map_err(|e| Error::io(parent, e))?;
@@ -294,6 +301,10 @@ fn read_entry(path: &Path, name: &[u8], origin: Origin, xattrs: bool) -> Result<
         if !names.is_empty() {
             e.xattrs = sys::xattrs(path, &names).map_err(|e| Error::io(path, e))?;
         }
+    }
+    if may_have_holes(&st, !e.xattrs.is_empty()) {
+        let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        e.segments = Some(sys::data_segments(&f.into(), st.size).map_err(|e| Error::io(path, e))?);
     }
     Ok(e)
 }
@@ -452,7 +463,12 @@ impl Builder {
         match kind {
             Kind::File => {
                 node.size = st.size;
-                if let (Some(segs), true) = (e.segments, node.link_rep == idx) {
+                let whole = [Segment {
+                    offset: 0,
+                    len: st.size,
+                }];
+                let segs = e.segments.filter(|s| s[..] != whole);
+                if let (Some(segs), true) = (segs, node.link_rep == idx) {
                     node.a = self.tree.segments.len() as u32;
                     node.b = segs.len() as u32;
                     self.tree.segments.extend(segs);
@@ -481,5 +497,76 @@ impl Builder {
             self.tree.blobs.extend_from_slice(&value);
         }
         self.tree.nodes.push(node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    fn st(size: u64, blocks: u64) -> Stat {
+        Stat {
+            mode: libc::S_IFREG | 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            dev: 0,
+            ino: 0,
+            rdev: 0,
+            size,
+            blocks,
+            mtime: (0, 0),
+            ctime: (0, 0),
+        }
+    }
+
+    #[test]
+    fn allocation_decides_whether_to_probe() {
+        assert!(
+            !may_have_holes(&st(5000, 16), false),
+            "dense: 8 KiB for 5000 bytes"
+        );
+        assert!(may_have_holes(&st(8192, 8), false), "a 4 KiB hole");
+        assert!(
+            !may_have_holes(&st(8192, 24), true),
+            "dense plus an xattr block"
+        );
+        assert!(
+            may_have_holes(&st(8192, 16), true),
+            "hole hidden by an xattr block"
+        );
+        assert!(
+            may_have_holes(&st(8192, 4096), false),
+            "preallocated past the end"
+        );
+        assert!(!may_have_holes(&st(0, 0), false));
+    }
+
+    /// A leading hole plus space preallocated past the end: more blocks than
+    /// bytes, and the hole is still found.
+    #[test]
+    fn holes_found_behind_preallocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let f = fs::File::create(&p).unwrap();
+        f.write_all_at(&[7u8; 4096], 4096).unwrap();
+        // SAFETY: fallocate on a valid open fd.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 8192, 1 << 20) };
+        if r != 0 {
+            eprintln!("fallocate unsupported here; skipping");
+            return;
+        }
+        drop(f);
+        let tree = walk_dir(dir.path(), &WalkOptions::default()).unwrap();
+        let n = tree.children(0).start;
+        assert_eq!(
+            tree.segments(n),
+            vec![Segment {
+                offset: 4096,
+                len: 4096
+            }]
+        );
     }
 }
