@@ -231,18 +231,23 @@ fn list(contribs: &[Contrib], xattrs: bool) -> Result<Listing> {
 }
 
 /// Whether a regular file may have holes, so SEEK_DATA/SEEK_HOLE must be asked.
-/// A dense file's allocation is its size rounded up to 4 KiB, plus one block
-/// when it has extended attributes (ext4 may keep them in an external block).
-/// Anything else (fewer blocks: holes; more: preallocation past the end, extent
-/// tree blocks, other block sizes) is probed; that costs an open and a few
-/// lseeks, which probing every file would add to the whole walk.
+/// A dense file's allocation is its size rounded up to 4 KiB. Anything else
+/// (fewer blocks: holes; more: preallocation past the end, extent-tree blocks,
+/// other block sizes) is probed. Files with extended attributes are probed
+/// unless they have exactly one extra block (ext4's external xattr block), as
+/// that block can hide a hole of the same size. Probing costs an open and a few
+/// lseeks, which doing for every file would add to the whole walk.
 fn may_have_holes(st: &Stat, has_xattrs: bool) -> bool {
     if st.file_type() != libc::S_IFREG || st.size == 0 {
         return false;
     }
     let alloc = st.blocks * 512;
     let dense = st.size.div_ceil(4096) * 4096;
-    !(alloc == dense || (has_xattrs && alloc == dense + 4096))
+    if has_xattrs {
+        alloc != dense + 4096
+    } else {
+        alloc != dense
+    }
 }
 
 /// One entry of an open host directory.
