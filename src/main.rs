@@ -129,6 +129,10 @@ struct ImageArgs {
     /// Tree block size in bytes.
     #[arg(long, default_value_t = 16384)]
     nodesize: u32,
+    /// Leave no free space for a first read-write mount at the exact size
+    /// (smallest image; it needs --extra-space or a resize before it can be written).
+    #[arg(long)]
+    no_rw_slack: bool,
     /// Metadata profile.
     #[arg(long, value_enum, default_value = "dup")]
     metadata: Profile,
@@ -221,6 +225,7 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
             .map(|s| parse_size("--extra-space", s))
             .transpose()?
             .unwrap_or(0),
+        rw_slack: !a.no_rw_slack,
         ..Options::default()
     })
 }

@@ -549,3 +549,49 @@ fn harness_detects_differences() {
     let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("[4194304]"), "unexpected message: {msg}");
 }
+
+/// `--no-rw-slack` gives the smallest image; `plan --bytes` predicts every
+/// image's exact size; the slack-free image still grows and takes writes.
+#[test]
+fn no_rw_slack_and_planned_size() {
+    if !system_tests_available("no_rw_slack_and_planned_size") {
+        return;
+    }
+    if is_mkfs_mode() {
+        eprintln!("SKIPPED no_rw_slack_and_planned_size: btrfsimg-only options");
+        return;
+    }
+    let work = workdir("noslack");
+    let src = work.path().join("src");
+    let mut t = TreeBuilder::new(&src);
+    for i in 0..300u64 {
+        t.random_file(format!("d{}/f{i}", i % 7).as_bytes(), (i * 997) % 20000, i);
+    }
+    t.finalize();
+    let mut sizes = Vec::new();
+    for (name, extra) in [("slack", vec![]), ("noslack", vec!["--no-rw-slack"])] {
+        let mut args = fixed_args("0b0d0a0e-0002-4000-8000-000000000077");
+        args.extend(extra.iter().copied());
+        let img = work.path().join(format!("{name}.img"));
+        export(&src, &img, &args);
+        btrfs_check(&img);
+        let planned = run_ok(
+            std::process::Command::new(btrfsimg_bin())
+                .arg("plan")
+                .arg("--bytes")
+                .arg(&src)
+                .args(&args),
+        );
+        let len = fs::metadata(&img).unwrap().len();
+        assert_eq!(planned.trim(), len.to_string(), "plan --bytes for {name}");
+        let m = LoopMount::new(&img, false);
+        compare_trees(&src, m.path(), CompareOpts::default());
+        m.unmount();
+        rw_cycle(&img);
+        sizes.push(len);
+    }
+    assert!(
+        sizes[1] + (8 << 20) < sizes[0],
+        "no slack must save the first-boot reserve: {sizes:?}"
+    );
+}

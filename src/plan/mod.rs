@@ -41,6 +41,9 @@ pub struct Options {
     /// Unallocated space added after the last chunk.
     pub extra_space: u64,
     pub max_inline: u64,
+    /// Keep free metadata and data space so the image, at its exact size, can be
+    /// mounted read-write and written a little (a first boot before a resize).
+    pub rw_slack: bool,
 }
 
 impl Default for Options {
@@ -55,6 +58,7 @@ impl Default for Options {
             size: None,
             extra_space: 0,
             max_inline: 2048,
+            rw_slack: true,
         }
     }
 }
@@ -240,6 +244,10 @@ fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
     h.update(opts.nodesize.to_le_bytes());
     h.update([opts.metadata_dup as u8]);
     h.update(opts.timestamp.to_le_bytes());
+    h.update(opts.size.unwrap_or(0).to_le_bytes());
+    h.update(opts.extra_space.to_le_bytes());
+    h.update(opts.max_inline.to_le_bytes());
+    h.update([opts.rw_slack as u8]);
     if let Some((u, g)) = opts.owner {
         h.update(u.to_le_bytes());
         h.update(g.to_le_bytes());
@@ -352,7 +360,8 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
         nodesize,
     );
     let copies = if opts.metadata_dup { 2 } else { 1 };
-    let data_start = space::SYSTEM_START + space::SYSTEM_LEN * copies;
+    let system_len = space::system_len(nodesize);
+    let data_start = space::SYSTEM_START + system_len * copies;
     let mut alloc = DataAllocator::new(
         data_start,
         space::DATA_CHUNK_MAX,
@@ -373,7 +382,8 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
             .collect(),
     );
     fs.set_extents(extents.clone(), &per_inode);
-    let data_chunks = space::data_chunks(data_start, data_end, &extents);
+    let data_slack = if opts.rw_slack { space::DATA_SLACK } else { 0 };
+    let data_chunks = space::data_chunks(data_start, data_end, data_slack, &extents);
     let meta_ty = BLOCK_GROUP_METADATA
         | if opts.metadata_dup {
             BLOCK_GROUP_DUP
@@ -388,10 +398,10 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
         };
     let system = Chunk {
         logical: space::SYSTEM_START,
-        length: space::SYSTEM_LEN,
+        length: system_len,
         ty: sys_ty,
         stripes: (0..copies)
-            .map(|i| space::SYSTEM_START + i * space::SYSTEM_LEN)
+            .map(|i| space::SYSTEM_START + i * system_len)
             .collect(),
         used: 0,
     };
@@ -445,7 +455,11 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
         ];
         let meta_blocks: u64 = shapes[..T_CHUNK].iter().map(|s| s.blocks() as u64).sum();
         let self_blocks = (ext_shape.blocks() + csum_shape.blocks() + fst_shape.blocks()) as u64;
-        let slack = metadata_slack(nodesize, self_blocks);
+        let slack = if opts.rw_slack {
+            metadata_slack(nodesize, self_blocks)
+        } else {
+            0
+        };
         let mut metas = space::metadata_chunks(
             meta_start,
             meta_blocks * n64 + slack,

@@ -11,7 +11,11 @@ use crate::format::{SECTOR_SIZE, STRIPE_LEN, SUPER_INFO_SIZE, SUPER_OFFSETS};
 pub const MIB: u64 = 1 << 20;
 /// SYSTEM chunk: logical = physical 1 MiB.
 pub const SYSTEM_START: u64 = MIB;
-pub const SYSTEM_LEN: u64 = MIB;
+/// The chunk tree of a fresh image is one block; the rest is room for the
+/// kernel to record new chunks after a resize (it can also add SYSTEM chunks).
+pub fn system_len(nodesize: u32) -> u64 {
+    (256 << 10).max(8 * nodesize as u64)
+}
 /// Largest DATA chunk (what the kernel allocates on a large device).
 pub const DATA_CHUNK_MAX: u64 = 1 << 30;
 
@@ -73,12 +77,17 @@ pub fn data_exclusions(start: u64) -> Vec<Excluded> {
 /// data space cannot take even a one-byte file before it is resized.
 pub const DATA_SLACK: u64 = 64 << 10;
 
-/// Cuts the used data area `[start, end)` plus `DATA_SLACK` into DATA chunks of
-/// at most `DATA_CHUNK_MAX`, the last one rounded up to 64 KiB.
-pub fn data_chunks(start: u64, end: u64, extents: &[super::data::DataExtent]) -> Vec<Chunk> {
+/// Cuts the used data area `[start, end)` plus `slack` into DATA chunks of at
+/// most `DATA_CHUNK_MAX`, the last one rounded up to 64 KiB.
+pub fn data_chunks(
+    start: u64,
+    end: u64,
+    slack: u64,
+    extents: &[super::data::DataExtent],
+) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     let mut s = start;
-    let end = round_up(end + DATA_SLACK, STRIPE_LEN);
+    let end = round_up(end + slack, STRIPE_LEN);
     let mut e_idx = 0;
     while s < end {
         let len = (end - s).min(DATA_CHUNK_MAX);
