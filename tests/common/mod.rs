@@ -7,6 +7,8 @@
 //!   devices, btrfs-progs) are a failure instead of a skip.
 //! - `BTRFSIMG_TEST_BUILDER=mkfs`: build images with `mkfs.btrfs --rootdir`
 //!   instead of `btrfsimg export` (only for validating the harness itself).
+//!
+//! The Nix side (chroot stores, closures, closureInfo) is in `nix.rs`.
 
 #![allow(dead_code)]
 
@@ -26,6 +28,8 @@ use std::time::Duration;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tempfile::TempDir;
+
+pub mod nix;
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
@@ -114,6 +118,29 @@ fn find_tool(name: &str) -> Option<PathBuf> {
                 .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
                 .unwrap_or(false)
         })
+}
+
+/// True when the external tool NAME is installed; otherwise skips loudly (or
+/// panics under `BTRFSIMG_REQUIRE_SYSTEM_TESTS=1`), naming the package.
+pub fn tool_available(what: &str, name: &str, package: &str) -> bool {
+    find_tool(name).is_some()
+        || skip_or_panic(
+            what,
+            &format!("`{name}` not found on PATH (apt-get install {package})"),
+        )
+}
+
+/// Runs a command, asserts exit 0, returns its stdout alone.
+pub fn run_stdout(cmd: &mut Command) -> String {
+    let o = run(cmd);
+    assert!(
+        o.status.success(),
+        "command failed ({}): {}\n--- output ---\n{}",
+        o.status,
+        describe(cmd),
+        output_text(&o)
+    );
+    String::from_utf8(o.stdout).expect("command printed non-UTF-8 output")
 }
 
 /// Full path of an external tool (PATH, then the usual sbin directories).
@@ -205,23 +232,85 @@ pub struct ExportResult {
 /// Runs an export (of the selected builder) without asserting anything.
 pub fn try_export(src: &Path, out: &Path, extra_args: &[&str]) -> ExportResult {
     match builder() {
-        Builder::Btrfsimg => {
-            let mut cmd = Command::new(btrfsimg_bin());
-            cmd.arg("export")
-                .arg(src)
-                .arg("-o")
-                .arg(out)
-                .args(extra_args);
-            let o = run(&mut cmd);
-            ExportResult {
-                success: o.status.success(),
-                status: o.status.to_string(),
-                stderr: output_text(&o),
-                command: describe(&cmd),
-            }
-        }
+        Builder::Btrfsimg => try_export_sources(Some(src), out, extra_args),
         Builder::Mkfs => mkfs_export(src, out, extra_args),
     }
+}
+
+/// Runs `btrfsimg export [ROOT] -o OUT ARGS` without asserting anything. ROOT
+/// is optional here because closures and overlays (`--closure-info`,
+/// `--files`, ...) can be the only sources; those options exist only in
+/// btrfsimg, so this never goes through the mkfs emulation.
+pub fn try_export_sources(root: Option<&Path>, out: &Path, extra_args: &[&str]) -> ExportResult {
+    let mut cmd = Command::new(btrfsimg_bin());
+    cmd.arg("export");
+    if let Some(r) = root {
+        cmd.arg(r);
+    }
+    cmd.arg("-o").arg(out).args(extra_args);
+    let o = run(&mut cmd);
+    ExportResult {
+        success: o.status.success(),
+        status: o.status.to_string(),
+        stderr: output_text(&o),
+        command: describe(&cmd),
+    }
+}
+
+/// `try_export_sources` that must succeed and produce OUT; returns stderr.
+pub fn export_sources(root: Option<&Path>, out: &Path, extra_args: &[&str]) -> String {
+    let r = try_export_sources(root, out, extra_args);
+    assert!(
+        r.success,
+        "export failed ({}): {}\n--- stderr ---\n{}",
+        r.status, r.command, r.stderr
+    );
+    assert!(
+        out.is_file(),
+        "export succeeded but {} is missing",
+        out.display()
+    );
+    r.stderr
+}
+
+/// `try_export_sources` that must fail with a single-line message on stderr
+/// and leave no OUT (nor a temporary file beside it); returns that line.
+pub fn export_sources_fails(root: Option<&Path>, out: &Path, extra_args: &[&str]) -> String {
+    let r = try_export_sources(root, out, extra_args);
+    assert!(
+        !r.success,
+        "export was expected to fail but succeeded: {}\n--- stderr ---\n{}",
+        r.command, r.stderr
+    );
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected a one-line error from {}, got:\n{}",
+        r.command,
+        r.stderr
+    );
+    assert!(
+        fs::symlink_metadata(out).is_err(),
+        "failed export left {} behind",
+        out.display()
+    );
+    if let Some(dir) = out.parent() {
+        let name = out.file_name().unwrap().to_string_lossy().into_owned();
+        let leftovers: Vec<String> = fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != &name && n.contains(&name))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            leftovers.is_empty(),
+            "failed export left temporary files: {leftovers:?}"
+        );
+    }
+    lines[0].to_string()
 }
 
 /// Exports SRC to OUT, asserts success and that OUT exists; returns stderr.
@@ -466,6 +555,21 @@ pub fn btrfs_check(img: &Path) {
         o.status,
         bad.join("\n")
     );
+}
+
+/// `btrfs inspect-internal dump-super IMG` (primary superblock), as text.
+pub fn dump_super(img: &Path) -> String {
+    let mut cmd = Command::new(tool("btrfs"));
+    cmd.args(["inspect-internal", "dump-super"]).arg(img);
+    run_ok(&mut cmd)
+}
+
+/// The value of one `dump-super` field (e.g. "label", "fsid"), if present.
+pub fn super_field(dump: &str, field: &str) -> Option<String> {
+    dump.lines().find_map(|l| {
+        let (k, v) = l.split_once(char::is_whitespace)?;
+        (k == field).then(|| v.trim().to_string())
+    })
 }
 
 /// `btrfs scrub start -B MNT` must succeed and report no errors.
@@ -833,6 +937,41 @@ pub fn assert_files_identical(a: &Path, b: &Path) {
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).expect("path contains NUL")
+}
+
+/// Every entry under `root` (including `root`) with its lstat metadata, as
+/// (relative path shown with `show`, metadata), in a stable order.
+pub fn metadata_under(root: &Path) -> Vec<(String, fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
+    while let Some(rel) = stack.pop() {
+        let p = join_rel(root, &rel);
+        let m = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+        if m.is_dir() {
+            for name in dir_names(&p).into_iter().rev() {
+                stack.push(child_rel(&rel, &name));
+            }
+        }
+        out.push((show(&rel), m));
+    }
+    out
+}
+
+/// Entries under `root` (including `root`) not owned by UID:GID.
+pub fn entries_not_owned_by(root: &Path, uid: u32, gid: u32) -> Vec<String> {
+    metadata_under(root)
+        .into_iter()
+        .filter(|(_, m)| (m.uid(), m.gid()) != (uid, gid))
+        .map(|(rel, m)| format!("{rel} ({}:{})", m.uid(), m.gid()))
+        .collect()
+}
+
+/// Decompresses SRC to DST with the `zstd` command-line tool (what image
+/// consumers use), asserting success.
+pub fn zstd_decompress(src: &Path, dst: &Path) {
+    let mut cmd = Command::new(tool("zstd"));
+    cmd.args(["-d", "-q", "-f"]).arg(src).arg("-o").arg(dst);
+    run_ok(&mut cmd);
 }
 
 /// All extended attributes of a path (not following symlinks), name → value.

@@ -1,0 +1,84 @@
+# A btrfs image holding the closure of `storePaths` in /nix/store, the
+# closure's registration at /nix-path-registration and the contents of a
+# ./files directory filled by `populateImageCommands`, sized to its content.
+#
+# It takes the arguments of nixpkgs' nixos/lib/make-btrfs-fs.nix, so it can be
+# used as `sdImage.rootFilesystemCreator`, but builds the image with
+# `btrfsimg export` straight from the store: no staging copy of the closure,
+# no fakeroot (every inode is owned by 0:0), no faketime (every time the
+# image records is fixed), the same bytes on every build.
+#
+# The result is the image file itself: btrfs-fs.img, or btrfs-fs.img.zst
+# when `compressImage` is set.
+{
+  pkgs,
+  lib,
+  # Derivations whose closure goes into the image's /nix/store.
+  storePaths,
+  # Compress the image with zstd.
+  compressImage ? false,
+  zstd,
+  # Shell commands that populate the ./files directory; its contents are
+  # merged into the root of the image.
+  populateImageCommands ? "",
+  volumeLabel,
+  uuid ? "44444444-4444-4444-8888-888888888888",
+  btrfs-progs,
+  # The image builder; an overlay's pkgs.btrfsimg takes precedence.
+  btrfsimg ? pkgs.buildPackages.callPackage ./package.nix { },
+  # Run `btrfs check` on the finished image (a compressed one is decompressed
+  # to a temporary file for it).
+  checkImage ? true,
+  # nixpkgs' version also takes libfaketime and fakeroot; they are not needed.
+  ...
+}:
+
+let
+  closureInfo = pkgs.buildPackages.closureInfo { rootPaths = storePaths; };
+in
+pkgs.stdenv.mkDerivation {
+  name = "btrfs-fs.img${lib.optionalString compressImage ".zst"}";
+
+  nativeBuildInputs = [
+    btrfsimg
+    btrfs-progs
+  ] ++ lib.optional compressImage zstd;
+
+  buildCommand = ''
+    (
+      mkdir -p ./files
+      ${populateImageCommands}
+    )
+
+    # The files were just made: give them the store's mtime so the build's
+    # clock does not reach the image.
+    find ./files -exec touch -h -d @1 {} +
+
+    threads=''${NIX_BUILD_CORES:-1}
+    if [ "$threads" -lt 1 ]; then threads=1; fi
+
+    btrfsimg export \
+      --closure-info ${closureInfo} \
+      --files ./files \
+      --owner 0:0 \
+      --timestamp 1 \
+      --label ${lib.escapeShellArg volumeLabel} \
+      --uuid ${lib.escapeShellArg uuid} \
+      ${lib.optionalString compressImage ''--zstd --threads "$threads"''} \
+      --quiet \
+      -o "$out"
+
+    ${lib.optionalString checkImage (
+      if compressImage then
+        ''
+          zstd -d --no-progress "$out" -o ./check.img
+          btrfs check --readonly ./check.img
+          rm ./check.img
+        ''
+      else
+        ''
+          btrfs check --readonly "$out"
+        ''
+    )}
+  '';
+}
