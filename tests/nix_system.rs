@@ -437,6 +437,27 @@ fn nix_errors() {
         assert!(e.contains(want), "error does not name {want}: {e}");
     }
 
+    // An overlay may not add to a store path directory: the store path would
+    // no longer match its registered NAR hash.
+    let dir_path = c
+        .info
+        .store_paths
+        .iter()
+        .find(|p| c.store.host_path(p).is_dir())
+        .unwrap()
+        .clone();
+    let mut extra = dir_path.as_bytes()[1..].to_vec();
+    extra.extend_from_slice(b"/extra");
+    let o5 = TreeBuilder::new(&dir.join("o5"))
+        .file(&extra, b"smuggled\n")
+        .root()
+        .to_path_buf();
+    let e = export_sources_fails(None, &out, &strs(&with(&["--files", s(&o5)])));
+    let host = c.store.host_path(&dir_path);
+    for want in [s(&host), s(&o5.join(&dir_path[1..]))] {
+        assert!(e.contains(want), "error does not name {want}: {e}");
+    }
+
     // A file in one overlay where another has a directory.
     let o4 = TreeBuilder::new(&dir.join("o4"))
         .file(b"etc", b"a file\n")

@@ -338,7 +338,10 @@ impl Builder {
         }
         let count = groups.len() as u32;
         for group in groups {
-            if group.len() > 1 && !group.iter().all(Entry::is_dir) {
+            // Directories merge, except grafted ones: a store path is sealed, and
+            // anything added to it would break its registered NAR hash.
+            let sealed = group.iter().any(|e| matches!(e.origin, Origin::Graft(_)));
+            if group.len() > 1 && (sealed || !group.iter().all(Entry::is_dir)) {
                 return Err(self.conflict(n, &group, base));
             }
             let mut children = Vec::new();
