@@ -408,6 +408,179 @@ fn mkfs_export(src: &Path, out: &Path, extra_args: &[&str]) -> ExportResult {
     }
 }
 
+/// Builds an image of SRC with `mkfs.btrfs --rootdir --shrink` (whatever the
+/// selected builder), for comparisons with btrfsimg.
+pub fn mkfs_rootdir(src: &Path, out: &Path) {
+    let r = mkfs_export(src, out, &[]);
+    assert!(r.success, "{}: {}", r.command, r.stderr);
+}
+
+/// Export (with the selected builder), `btrfs check`, mount read-only and
+/// compare entry by entry with the source (strict for btrfsimg).
+pub fn export_and_verify(src: &Path, img: &Path, extra_args: &[&str]) {
+    export(src, img, extra_args);
+    btrfs_check(img);
+    let m = LoopMount::new(img, false);
+    compare_trees(src, m.path(), CompareOpts::for_builder());
+    m.unmount();
+}
+
+/// For tests of what only btrfsimg promises: true (after a SKIPPED line) in
+/// mkfs mode.
+pub fn skip_in_mkfs_mode(what: &str) -> bool {
+    if is_mkfs_mode() {
+        eprintln!("SKIPPED {what}: checks btrfsimg-specific fidelity ({BUILDER_ENV}=mkfs)");
+        return true;
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------
+// dump-tree
+// ---------------------------------------------------------------------------
+
+/// One leaf item as printed by `btrfs inspect-internal dump-tree`.
+#[derive(Clone, Debug)]
+pub struct DumpItem {
+    /// Key objectid as printed (a number, or a name like `EXTENT_TREE`).
+    pub objectid: String,
+    /// Key type name, e.g. `INODE_EXTREF`.
+    pub ty: String,
+    /// Key offset as printed.
+    pub offset: String,
+    pub itemsize: u64,
+    /// The item's body lines, trimmed.
+    pub body: Vec<String>,
+}
+
+impl DumpItem {
+    /// The objectid as a number (inode number in fs trees).
+    pub fn ino(&self) -> Option<u64> {
+        self.objectid.parse().ok()
+    }
+
+    pub fn offset_u64(&self) -> u64 {
+        self.offset
+            .parse()
+            .unwrap_or_else(|_| panic!("key offset {:?} is not a number", self.offset))
+    }
+
+    /// The number after `word` in the body (e.g. `field("transid")`).
+    pub fn field(&self, word: &str) -> Option<u64> {
+        self.fields(word).into_iter().next()
+    }
+
+    /// Every number that follows `word` in the body, in order.
+    pub fn fields(&self, word: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        for line in &self.body {
+            let toks: Vec<&str> = line.split_whitespace().collect();
+            for w in toks.windows(2) {
+                if w[0] == word {
+                    if let Ok(v) = w[1].parse() {
+                        out.push(v);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Every leaf item of one tree (`-t fs`, `-t extent`, ...) of an image.
+pub fn dump_tree(img: &Path, tree: &str) -> Vec<DumpItem> {
+    let mut cmd = Command::new(tool("btrfs"));
+    cmd.args(["inspect-internal", "dump-tree", "-t", tree])
+        .arg(img);
+    let o = run(&mut cmd);
+    assert!(
+        o.status.success(),
+        "{} failed: {}",
+        describe(&cmd),
+        output_text(&o)
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut items: Vec<DumpItem> = Vec::new();
+    let mut in_item = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("\titem ") {
+            let key = rest
+                .split_once(" key (")
+                .and_then(|(_, k)| k.split_once(") "))
+                .unwrap_or_else(|| panic!("unexpected dump-tree line: {line}"));
+            let parts: Vec<&str> = key.0.split(' ').collect();
+            assert_eq!(parts.len(), 3, "unexpected key in: {line}");
+            let toks: Vec<&str> = key.1.split_whitespace().collect();
+            let itemsize = toks
+                .windows(2)
+                .find(|w| w[0] == "itemsize")
+                .and_then(|w| w[1].parse().ok())
+                .unwrap_or(0);
+            items.push(DumpItem {
+                objectid: parts[0].to_string(),
+                ty: parts[1].to_string(),
+                offset: parts[2].to_string(),
+                itemsize,
+                body: Vec::new(),
+            });
+            in_item = true;
+        } else if line.starts_with("\t\t") && in_item {
+            items.last_mut().unwrap().body.push(line.trim().to_string());
+        } else {
+            in_item = false;
+        }
+    }
+    items
+}
+
+/// The generation in the image's primary superblock.
+pub fn super_generation(img: &Path) -> u64 {
+    let text = run_ok(
+        Command::new(tool("btrfs"))
+            .args(["inspect-internal", "dump-super"])
+            .arg(img),
+    );
+    text.lines()
+        .find_map(|l| {
+            let mut t = l.split_whitespace();
+            (t.next() == Some("generation")).then(|| t.next()?.parse().ok())?
+        })
+        .expect("no generation in dump-super output")
+}
+
+/// Bytes of the DATA block groups in use (`btrfs filesystem df -b`).
+pub fn data_used(mnt: &Path) -> u64 {
+    let text = run_ok(
+        Command::new(tool("btrfs"))
+            .args(["filesystem", "df", "-b"])
+            .arg(mnt),
+    );
+    text.lines()
+        .find(|l| l.starts_with("Data,"))
+        .and_then(|l| l.split("used=").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Data line in `btrfs filesystem df`: {text}"))
+}
+
+/// Data ranges of a file (SEEK_DATA/SEEK_HOLE), rounded out to 4 KiB sectors
+/// and merged: the extents a no-holes btrfs should hold for it.
+pub fn sector_data_ranges(p: &Path) -> Vec<(u64, u64)> {
+    let f = open_noatime(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let len = f.metadata().unwrap().len();
+    let segs = data_segments(&f, len)
+        .into_iter()
+        .map(|(a, b)| (a / 4096 * 4096, b.div_ceil(4096) * 4096))
+        .collect();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in merge_segments(segs) {
+        match out.last_mut() {
+            Some(l) if l.1 >= a => l.1 = l.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------
 // btrfs check / scrub
 // ---------------------------------------------------------------------------
@@ -635,28 +808,82 @@ impl LoopMount {
         if !self.mounted {
             return Ok(());
         }
-        let mut last = String::new();
-        for attempt in 0..10 {
-            let o = Command::new(tool("umount")).arg(&self.path).output();
-            match o {
-                Ok(o) if o.status.success() => return Ok(()),
-                Ok(o) => last = output_text(&o),
-                Err(e) => last = e.to_string(),
+        unmount_retrying(&self.path)
+    }
+}
+
+/// `umount PATH`, retried for a few seconds; falls back to `umount -l` (and
+/// then still reports an error).
+fn unmount_retrying(path: &Path) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..10 {
+        let o = Command::new(tool("umount")).arg(path).output();
+        match o {
+            Ok(o) if o.status.success() => return Ok(()),
+            Ok(o) => last = output_text(&o),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
+    }
+    match Command::new(tool("umount")).arg("-l").arg(path).output() {
+        Ok(o) if o.status.success() => Err(format!(
+            "plain umount kept failing ({}); lazily unmounted instead",
+            last.trim()
+        )),
+        Ok(o) => Err(format!("umount -l failed too: {}", output_text(&o))),
+        Err(e) => Err(format!("umount -l failed too: {e}")),
+    }
+}
+
+/// A tmpfs mounted on a private temp directory; unmounted on drop. Used as a
+/// source filesystem where the test filesystem (ext4 here) cannot hold what
+/// a test needs: xattr values up to what a btrfs leaf item allows (ext4 keeps
+/// all of an inode's xattrs in one 4 KiB block), the full 64-bit time range,
+/// or 200,000 files created quickly.
+pub struct Tmpfs {
+    dir: Option<TempDir>,
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl Tmpfs {
+    /// `mount -t tmpfs -o size=SIZE tmpfs <tempdir>`.
+    pub fn new(tag: &str, size: u64) -> Tmpfs {
+        let dir = workdir(&format!("tmpfs-{tag}"));
+        let path = fs::canonicalize(dir.path()).unwrap();
+        run_ok(
+            Command::new(tool("mount"))
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size},mode=0755"))
+                .arg("tmpfs")
+                .arg(&path),
+        );
+        Tmpfs {
+            dir: Some(dir),
+            path,
+            mounted: true,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        if let Err(e) = unmount_retrying(&self.path) {
+            eprintln!("warning: tmpfs {}: {e}", self.path.display());
+            if mount_source(&self.path).is_some() {
+                if let Some(d) = self.dir.take() {
+                    let _ = d.keep();
+                }
             }
-            std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
         }
-        match Command::new(tool("umount"))
-            .arg("-l")
-            .arg(&self.path)
-            .output()
-        {
-            Ok(o) if o.status.success() => Err(format!(
-                "plain umount kept failing ({}); lazily unmounted instead",
-                last.trim()
-            )),
-            Ok(o) => Err(format!("umount -l failed too: {}", output_text(&o))),
-            Err(e) => Err(format!("umount -l failed too: {e}")),
-        }
+        self.mounted = false;
     }
 }
 
@@ -1448,6 +1675,22 @@ impl TreeBuilder {
         let r = unsafe { libc::mknod(c.as_ptr(), kind | 0o600, libc::makedev(major, minor)) };
         assert_eq!(r, 0, "mknod {}: {}", show(rel), io::Error::last_os_error());
         self.record(rel, 0o600, false);
+        self
+    }
+
+    /// Unix socket inode (mknod S_IFSOCK: the same inode a bound socket leaves).
+    pub fn socket(&mut self, rel: &[u8]) -> &mut Self {
+        self.ensure_parents(rel);
+        let c = cpath(&self.path(rel));
+        let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFSOCK | 0o755, 0) };
+        assert_eq!(
+            r,
+            0,
+            "mknod socket {}: {}",
+            show(rel),
+            io::Error::last_os_error()
+        );
+        self.record(rel, 0o755, false);
         self
     }
 
