@@ -242,7 +242,7 @@ fn xattrs() {
     let args = fixed_args("0b0d0a0e-0002-4000-8000-000000000002");
     // ext4 keeps all of an inode's xattrs in one 4 KiB block; the source is a
     // tmpfs so values can reach what a btrfs leaf item holds.
-    let tmp = Tmpfs::new("xattrs", 256 * MIB);
+    let tmp = ScratchFs::tmpfs("xattrs", 256 * MIB);
     let src = tmp.path().join("src");
     let mut t = TreeBuilder::new(&src);
     t.file(b"f", b"content\n");
@@ -385,7 +385,7 @@ fn xattrs_too_large_fail_cleanly() {
     {
         return;
     }
-    let tmp = Tmpfs::new("xattr-fail", 64 * MIB);
+    let tmp = ScratchFs::tmpfs("xattr-fail", 64 * MIB);
     let work = workdir("xattr-fail");
     for case in ["one", "pair"] {
         let src = tmp.path().join(case);
@@ -503,7 +503,10 @@ fn holes() {
     }
     let args = fixed_args("0b0d0a0e-0002-4000-8000-000000000004");
     let work = workdir("holes");
-    let src = work.path().join("src");
+    // The source is a fresh ext4 whatever /tmp is: its block accounting is
+    // part of the test (see below).
+    let ext4 = ScratchFs::ext4("holes", 256 * MIB);
+    let src = ext4.path().join("src");
     let mut t = TreeBuilder::new(&src);
     let d = random_bytes(300_000, 4);
     t.sparse_file(b"leading", MIB + 100, &[(MIB, &d[..100])]);
@@ -528,6 +531,36 @@ fn holes() {
     t.sparse_file(b"hole-1g", GIB, &[]);
     t.hardlink(b"middle", b"middle-link");
     t.random_file(b"dense", 100_000, 5);
+    // Files with holes but as many blocks as bytes (st_blocks is no hole
+    // detector): ext4 counts an external xattr block in st_blocks, and
+    // space preallocated past the end.
+    t.sparse_file(b"xattr-block", 8192, &[(4096, &d[..4096])]);
+    t.xattr(b"xattr-block", b"user.big", &d[..3000]);
+    t.sparse_file(b"prealloc", 3 * 4096, &[(4096, &d[..100])]);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(t.path(b"prealloc"))
+        .unwrap();
+    let r = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FALLOC_FL_KEEP_SIZE,
+            3 * 4096,
+            MIB as i64,
+        )
+    };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    drop(f);
+    for n in [&b"xattr-block"[..], b"prealloc"] {
+        let md = fs::metadata(t.path(n)).unwrap();
+        assert!(
+            md.blocks() * 512 >= md.len(),
+            "precondition: {} has {} blocks for {} bytes",
+            show(n),
+            md.blocks(),
+            md.len()
+        );
+    }
     t.finalize();
 
     let img = work.path().join("holes.img");
@@ -607,7 +640,7 @@ fn times() {
     }
     let args = fixed_args("0b0d0a0e-0002-4000-8000-000000000005");
     // tmpfs keeps the whole 64-bit range (ext4 stops at 1901 and 2446).
-    let tmp = Tmpfs::new("times", 64 * MIB);
+    let tmp = ScratchFs::tmpfs("times", 64 * MIB);
     let src = tmp.path().join("src");
     let mut t = TreeBuilder::new(&src);
     for (i, &(s, ns)) in TIMES.iter().enumerate() {
@@ -646,7 +679,7 @@ fn dir_with_200k_entries() {
     }
     let args = fixed_args("0b0d0a0e-0002-4000-8000-000000000006");
     let t0 = std::time::Instant::now();
-    let tmp = Tmpfs::new("200k", 512 * MIB);
+    let tmp = ScratchFs::tmpfs("200k", 512 * MIB);
     let src = tmp.path().join("src");
     let dir = src.join("d");
     fs::create_dir_all(&dir).unwrap();

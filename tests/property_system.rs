@@ -407,7 +407,7 @@ fn random_trees_round_trip() {
         }
     };
     // Sources on a tmpfs: large xattr values and the full time range.
-    let tmp = Tmpfs::new("property", 512 * MIB);
+    let tmp = ScratchFs::tmpfs("property", 512 * MIB);
     let work = workdir("property");
     let mut stats = Stats::default();
     let mut failed: Vec<(u64, String)> = Vec::new();
@@ -449,7 +449,7 @@ fn generator_is_deterministic() {
     if !system_tests_available("generator_is_deterministic") {
         return;
     }
-    let tmp = Tmpfs::new("property-gen", 256 * MIB);
+    let tmp = ScratchFs::tmpfs("property-gen", 256 * MIB);
     let mut stats = Stats::default();
     for seed in [3, 77, 1234] {
         let (a, b) = (

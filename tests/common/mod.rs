@@ -835,20 +835,21 @@ fn unmount_retrying(path: &Path) -> Result<(), String> {
     }
 }
 
-/// A tmpfs mounted on a private temp directory; unmounted on drop. Used as a
-/// source filesystem where the test filesystem (ext4 here) cannot hold what
-/// a test needs: xattr values up to what a btrfs leaf item allows (ext4 keeps
-/// all of an inode's xattrs in one 4 KiB block), the full 64-bit time range,
-/// or 200,000 files created quickly.
-pub struct Tmpfs {
+/// A scratch filesystem mounted on a private temp directory (unmounted on
+/// drop), used as a source where the test filesystem could differ from what
+/// a test needs. `tmpfs`: xattr values up to what a btrfs leaf item allows
+/// (ext4 keeps all of an inode's xattrs in one 4 KiB block), the full 64-bit
+/// time range, 200,000 files created quickly. `ext4`: a loop-mounted ext4
+/// whatever /tmp is, for ext4's own block accounting.
+pub struct ScratchFs {
     dir: Option<TempDir>,
     path: PathBuf,
     mounted: bool,
 }
 
-impl Tmpfs {
+impl ScratchFs {
     /// `mount -t tmpfs -o size=SIZE tmpfs <tempdir>`.
-    pub fn new(tag: &str, size: u64) -> Tmpfs {
+    pub fn tmpfs(tag: &str, size: u64) -> ScratchFs {
         let dir = workdir(&format!("tmpfs-{tag}"));
         let path = fs::canonicalize(dir.path()).unwrap();
         run_ok(
@@ -858,7 +859,32 @@ impl Tmpfs {
                 .arg("tmpfs")
                 .arg(&path),
         );
-        Tmpfs {
+        ScratchFs {
+            dir: Some(dir),
+            path,
+            mounted: true,
+        }
+    }
+
+    /// A fresh ext4 (4 KiB blocks) of SIZE bytes in a sparse file, loop-mounted.
+    pub fn ext4(tag: &str, size: u64) -> ScratchFs {
+        let dir = workdir(&format!("ext4-{tag}"));
+        let img = dir.path().join("ext4.img");
+        File::create(&img).unwrap().set_len(size).unwrap();
+        run_ok(
+            Command::new(tool("mkfs.ext4"))
+                .args(["-q", "-F", "-b", "4096"])
+                .arg(&img),
+        );
+        let path = fs::canonicalize(dir.path()).unwrap().join("mnt");
+        fs::create_dir(&path).unwrap();
+        run_ok(
+            Command::new(tool("mount"))
+                .args(["-t", "ext4", "-o", "loop"])
+                .arg(&img)
+                .arg(&path),
+        );
+        ScratchFs {
             dir: Some(dir),
             path,
             mounted: true,
@@ -870,13 +896,13 @@ impl Tmpfs {
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for ScratchFs {
     fn drop(&mut self) {
         if !self.mounted {
             return;
         }
         if let Err(e) = unmount_retrying(&self.path) {
-            eprintln!("warning: tmpfs {}: {e}", self.path.display());
+            eprintln!("warning: scratch fs {}: {e}", self.path.display());
             if mount_source(&self.path).is_some() {
                 if let Some(d) = self.dir.take() {
                     let _ = d.keep();
