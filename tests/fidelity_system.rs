@@ -1290,12 +1290,19 @@ fn vs_mkfs_mixed_tree() {
             "root directory"
         } else if d.contains(": mtime ") {
             "mtime nanoseconds"
+        } else if d.contains(": data ranges ") {
+            "holes"
         } else {
             panic!("unexpected mkfs.btrfs difference: {d}")
         };
         *kinds.entry(kind).or_default() += 1;
     }
-    for k in ["device numbers", "root directory", "mtime nanoseconds"] {
+    for k in [
+        "device numbers",
+        "root directory",
+        "mtime nanoseconds",
+        "holes",
+    ] {
         assert!(
             kinds.contains_key(k),
             "mkfs.btrfs now keeps {k}? {mkfs_diffs:#?}"

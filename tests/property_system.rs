@@ -4,6 +4,9 @@
 //! non-UTF-8 names, modes, owners, nanosecond and negative mtimes). Each case
 //! is exported, checked with `btrfs check --readonly --check-data-csum`,
 //! loop-mounted and compared entry by entry, and re-exported byte-identically.
+//! Two cases in three are built on a tmpfs (xattrs up to a full leaf item,
+//! any time), the third on a loop-mounted ext4 (its block accounting, smaller
+//! xattrs, times clamped to 1901..2446 by ext4 itself).
 //!
 //! - `BTRFSIMG_PROPERTY_CASES=N`: number of cases (default 200), seeds
 //!   `BTRFSIMG_PROPERTY_FIRST_SEED` (default 0) onwards.
@@ -55,8 +58,15 @@ impl Stats {
     }
 }
 
+/// True when the case of `seed` is built on ext4 (else on tmpfs).
+fn on_ext4(seed: u64) -> bool {
+    seed % 3 == 2
+}
+
 struct Gen<'a> {
     rng: ChaCha8Rng,
+    /// ext4 keeps an inode's xattrs in one 4 KiB block: smaller values.
+    ext4: bool,
     t: TreeBuilder,
     dirs: Vec<Vec<u8>>,
     /// Non-directories that can get another name.
@@ -160,10 +170,17 @@ impl Gen<'_> {
                 self.stats.add("files");
             }
             45..55 => {
-                let size = self.rng.random_range(1..=16 * MIB);
+                let small = self.rng.random_bool(0.5);
+                let size = if small {
+                    self.rng.random_range(1..=64 * KIB)
+                } else {
+                    self.rng.random_range(1..=16 * MIB)
+                };
                 let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
                 for _ in 0..self.rng.random_range(0..=4) {
-                    let len = self.rng.random_range(1..=20_000usize);
+                    let len = self
+                        .rng
+                        .random_range(1..=if small { 8192 } else { 20_000usize });
                     let off = self.rng.random_range(0..size);
                     let mut d = vec![0u8; len];
                     self.rng.fill_bytes(&mut d);
@@ -270,7 +287,8 @@ impl Gen<'_> {
                 &["trusted.", "security."]
             };
             let mut names = HashSet::new();
-            for _ in 0..self.rng.random_range(1..=5) {
+            let most = if self.ext4 { 3 } else { 5 };
+            for _ in 0..self.rng.random_range(1..=most) {
                 let ns = *spaces.choose(&mut self.rng).unwrap();
                 let mut name = ns.as_bytes().to_vec();
                 let n = self.rng.random_range(1..=20);
@@ -280,6 +298,7 @@ impl Gen<'_> {
                 }
                 let len = match self.rng.random_range(0..20) {
                     0..4 => 0,
+                    4..8 if self.ext4 => self.rng.random_range(0..600),
                     4 => {
                         self.stats.add("xattrs filling a leaf item");
                         MAX_XATTR - name.len()
@@ -354,6 +373,7 @@ impl Gen<'_> {
 fn generate(root: &Path, seed: u64, stats: &mut Stats) {
     let mut g = Gen {
         rng: ChaCha8Rng::seed_from_u64(seed),
+        ext4: on_ext4(seed),
         t: TreeBuilder::new(root),
         dirs: vec![Vec::new()],
         linkable: Vec::new(),
@@ -377,6 +397,11 @@ fn case_uuid(seed: u64) -> String {
 /// One case: generate, export, check, mount, compare, re-export.
 fn run_case(src_root: &Path, work: &Path, seed: u64, stats: &mut Stats) {
     let src = src_root.join(format!("case-{seed}"));
+    stats.add(if on_ext4(seed) {
+        "cases on ext4"
+    } else {
+        "cases on tmpfs"
+    });
     generate(&src, seed, stats);
     let uuid = case_uuid(seed);
     let args = ["-U", uuid.as_str(), "--timestamp", "1700000000"];
@@ -406,15 +431,22 @@ fn random_trees_round_trip() {
             (first..first + n).collect()
         }
     };
-    // Sources on a tmpfs: large xattr values and the full time range.
     let tmp = ScratchFs::tmpfs("property", 512 * MIB);
+    let ext4 = ScratchFs::ext4("property", GIB);
+    let root_for = |seed: u64| {
+        if on_ext4(seed) {
+            ext4.path()
+        } else {
+            tmp.path()
+        }
+    };
     let work = workdir("property");
     let mut stats = Stats::default();
     let mut failed: Vec<(u64, String)> = Vec::new();
     let start = Instant::now();
     for &seed in &seeds {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_case(tmp.path(), work.path(), seed, &mut stats)
+            run_case(root_for(seed), work.path(), seed, &mut stats)
         }));
         if let Err(e) = r {
             let msg = e
@@ -424,7 +456,7 @@ fn random_trees_round_trip() {
                 .unwrap_or_default();
             eprintln!("property case failed: seed = {seed} (replay with {SEED_ENV}={seed})\n{msg}");
             failed.push((seed, msg));
-            let _ = std::fs::remove_dir_all(tmp.path().join(format!("case-{seed}")));
+            let _ = std::fs::remove_dir_all(root_for(seed).join(format!("case-{seed}")));
         }
     }
     eprintln!(

@@ -1020,8 +1020,16 @@ pub fn compare_file_contents(a: &Path, b: &Path) -> Result<(), String> {
     }
     let mut segs = data_segments(&fa, la);
     segs.extend(data_segments(&fb, lb));
-    let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    for (start, end) in merge_segments(segs) {
+    let segs = merge_segments(segs);
+    // Buffers only as large as needed: most files are small or empty.
+    let buf = segs
+        .iter()
+        .map(|(s, e)| (e - s) as usize)
+        .max()
+        .unwrap_or(0)
+        .min(CHUNK);
+    let (mut ba, mut bb) = (vec![0u8; buf], vec![0u8; buf]);
+    for (start, end) in segs {
         let mut off = start;
         while off < end {
             let n = (end - off).min(CHUNK as u64) as usize;
@@ -1268,6 +1276,9 @@ pub struct CompareOpts {
     pub rdev: bool,
     /// Compare extended attributes.
     pub xattrs: bool,
+    /// Compare regular files' holes: their data ranges (SEEK_DATA /
+    /// SEEK_HOLE, rounded out to 4 KiB sectors) must be the same.
+    pub holes: bool,
     /// How many differences the panic message lists.
     pub max_reported: usize,
 }
@@ -1280,6 +1291,7 @@ impl Default for CompareOpts {
             root_mtime: true,
             rdev: true,
             xattrs: true,
+            holes: true,
             max_reported: 50,
         }
     }
@@ -1287,13 +1299,14 @@ impl Default for CompareOpts {
 
 impl CompareOpts {
     /// Strict for btrfsimg; relaxed only where mkfs.btrfs 6.2 is known to
-    /// lose information (nanoseconds, root dir times, rdev).
+    /// lose information (nanoseconds, root dir times, rdev, holes).
     pub fn for_builder() -> Self {
         let mut o = CompareOpts::default();
         if is_mkfs_mode() {
             o.mtime_ns = false;
             o.root_mtime = false;
             o.rdev = false;
+            o.holes = false;
         }
         o
     }
@@ -1402,6 +1415,11 @@ pub fn tree_differences(src: &Path, mnt: &Path, opts: CompareOpts) -> Vec<String
                     d(format!("size {} vs {}", s.len(), m.len()));
                 } else if let Err(e) = compare_file_contents(&sp, &mp) {
                     d(e);
+                } else if opts.holes && s.len() > 0 {
+                    let (a, b) = (sector_data_ranges(&sp), sector_data_ranges(&mp));
+                    if a != b {
+                        d(format!("data ranges {a:?} vs {b:?}"));
+                    }
                 }
             }
             libc::S_IFLNK => {
