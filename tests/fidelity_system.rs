@@ -286,6 +286,11 @@ fn xattrs() {
     t.dir(b"d");
     t.xattr(b"d", b"user.on-dir", b"dir value");
     t.xattr(b"d", b"trusted.on-dir", b"");
+    t.xattr(
+        b"d",
+        b"trusted.max-on-dir",
+        &random_bytes(MAX_XATTR - 18, 8),
+    );
     t.xattr(b"", b"user.on-root", b"root value");
     t.xattr(b"", b"trusted.on-root", b"r");
     t.symlink(b"link", b"f");
