@@ -483,6 +483,7 @@ fn harness_detects_differences() {
     t.symlink(b"s", b"f");
     t.char_dev(b"c", 1, 3);
     t.sparse_file(b"sp", 40 * MIB, &[(20 * MIB, b"x")]);
+    t.sparse_file(b"sp2", 40 * MIB, &[(20 * MIB, b"x")]);
     t.file(b"\xff", b"");
     t.xattr(b"g", b"user.x", b"1");
     t.finalize();
@@ -510,6 +511,10 @@ fn harness_detects_differences() {
     let sp = fs::OpenOptions::new().write(true).open(p("sp")).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&sp, b"y", 30 * MIB).unwrap();
     drop(sp);
+    // Same content, holes filled in with zeros.
+    let mut zeros = vec![0u8; 40 * MIB as usize];
+    zeros[20 * MIB as usize] = b'x';
+    fs::write(p("sp2"), &zeros).unwrap();
     fs::remove_file(p("c")).unwrap();
     let c = std::ffi::CString::new(p("c").into_os_string().into_encoded_bytes()).unwrap();
     assert_eq!(
@@ -530,6 +535,7 @@ fn harness_detects_differences() {
         "/s: symlink target",
         "/new: unexpected entry in image",
         "/sp: content differs at byte offset 31457280",
+        "/sp2: data ranges [(20971520, 20975616)] vs [(0, 41943040)]",
         "/c: rdev 1:3 vs 1:5",
         "/: mtime",
     ] {

@@ -298,24 +298,55 @@ fn validate(tree: &SourceTree, opts: &Options) -> Result<()> {
                 ),
             ));
         }
-        for (name, value) in tree.xattrs(i) {
-            if name.len() > 255 || DIR_ITEM_HEADER + name.len() + value.len() > max_item {
-                return Err(Error::at(
-                    &tree.path(i),
-                    format!(
-                        "extended attribute {} of {} bytes is too large for a {}-byte node",
-                        String::from_utf8_lossy(name),
-                        value.len(),
-                        opts.nodesize
-                    ),
-                ));
-            }
+        if let Some(bad) = oversized_xattr_item(tree.xattrs(i), max_item) {
+            let msg = match &bad[..] {
+                [(name, value)] => format!(
+                    "extended attribute {} of {} bytes is too large for a {}-byte node",
+                    String::from_utf8_lossy(name),
+                    value.len(),
+                    opts.nodesize
+                ),
+                group => format!(
+                    "extended attributes {} share one name hash and together ({} bytes) \
+                     are too large for a {}-byte node",
+                    group
+                        .iter()
+                        .map(|(n, _)| String::from_utf8_lossy(n))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    group.iter().map(|(_, v)| v.len()).sum::<usize>(),
+                    opts.nodesize
+                ),
+            };
+            return Err(Error::at(&tree.path(i), msg));
         }
         if n.kind == Kind::Dir && n.nchildren() as u64 > u32::MAX as u64 - 3 {
             return Err(Error::at(&tree.path(i), "too many directory entries"));
         }
     }
     Ok(())
+}
+
+/// The first XATTR_ITEM of an inode that would not fit in a leaf: btrfs stores
+/// every attribute whose name has the same hash in one item, so each such group
+/// (usually a single attribute) must fit within `max_item` bytes; names are at
+/// most 255 bytes. Returns that group's (name, value) pairs.
+fn oversized_xattr_item<'a>(
+    xattrs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    max_item: usize,
+) -> Option<Vec<(&'a [u8], &'a [u8])>> {
+    let mut all: Vec<(u64, &[u8], &[u8])> =
+        xattrs.map(|(n, v)| (hash::name_hash(n), n, v)).collect();
+    all.sort();
+    all.chunk_by(|a, b| a.0 == b.0)
+        .find(|group| {
+            let size: usize = group
+                .iter()
+                .map(|(_, n, v)| DIR_ITEM_HEADER + n.len() + v.len())
+                .sum();
+            size > max_item || group.iter().any(|(_, n, _)| n.len() > 255)
+        })
+        .map(|group| group.iter().map(|&(_, n, v)| (n, v)).collect())
 }
 
 /// Metadata headroom so the image, at its exact size, can be mounted read-write
@@ -671,4 +702,41 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
     Err(Error::msg(
         "internal error: metadata layout did not converge",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xattrs_sharing_a_hash_must_fit_one_item_together() {
+        let max = max_item_size(16384);
+        // "user.c1371838" and "user.c2000402" have the same name hash.
+        let (a, b): (&[u8], &[u8]) = (b"user.c1371838", b"user.c2000402");
+        assert_eq!(hash::name_hash(a), hash::name_hash(b));
+        let v = vec![7u8; 9000];
+        // Alone, each fits; another name with a different hash does not matter.
+        assert!(
+            oversized_xattr_item([(a, &v[..]), (&b"user.x"[..], &v[..])].into_iter(), max)
+                .is_none()
+        );
+        // Together they exceed one item.
+        let bad = oversized_xattr_item([(a, &v[..]), (b, &v[..])].into_iter(), max).unwrap();
+        assert_eq!(bad.len(), 2);
+        // Small values sharing a hash are fine.
+        assert!(oversized_xattr_item([(a, &v[..10]), (b, &v[..10])].into_iter(), max).is_none());
+        // The largest single value that fits, and one byte more.
+        let fit = max - DIR_ITEM_HEADER - a.len();
+        let big = vec![1u8; fit + 1];
+        assert!(oversized_xattr_item([(a, &big[..fit])].into_iter(), max).is_none());
+        assert_eq!(
+            oversized_xattr_item([(a, &big[..])].into_iter(), max)
+                .unwrap()
+                .len(),
+            1
+        );
+        // Names longer than 255 bytes never fit.
+        let long = vec![b'u'; 256];
+        assert!(oversized_xattr_item([(&long[..], &b""[..])].into_iter(), max).is_some());
+    }
 }

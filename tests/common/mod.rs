@@ -497,6 +497,179 @@ fn mkfs_export(src: &Path, out: &Path, extra_args: &[&str]) -> ExportResult {
     }
 }
 
+/// Builds an image of SRC with `mkfs.btrfs --rootdir --shrink` (whatever the
+/// selected builder), for comparisons with btrfsimg.
+pub fn mkfs_rootdir(src: &Path, out: &Path) {
+    let r = mkfs_export(src, out, &[]);
+    assert!(r.success, "{}: {}", r.command, r.stderr);
+}
+
+/// Export (with the selected builder), `btrfs check`, mount read-only and
+/// compare entry by entry with the source (strict for btrfsimg).
+pub fn export_and_verify(src: &Path, img: &Path, extra_args: &[&str]) {
+    export(src, img, extra_args);
+    btrfs_check(img);
+    let m = LoopMount::new(img, false);
+    compare_trees(src, m.path(), CompareOpts::for_builder());
+    m.unmount();
+}
+
+/// For tests of what only btrfsimg promises: true (after a SKIPPED line) in
+/// mkfs mode.
+pub fn skip_in_mkfs_mode(what: &str) -> bool {
+    if is_mkfs_mode() {
+        eprintln!("SKIPPED {what}: checks btrfsimg-specific fidelity ({BUILDER_ENV}=mkfs)");
+        return true;
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------
+// dump-tree
+// ---------------------------------------------------------------------------
+
+/// One leaf item as printed by `btrfs inspect-internal dump-tree`.
+#[derive(Clone, Debug)]
+pub struct DumpItem {
+    /// Key objectid as printed (a number, or a name like `EXTENT_TREE`).
+    pub objectid: String,
+    /// Key type name, e.g. `INODE_EXTREF`.
+    pub ty: String,
+    /// Key offset as printed.
+    pub offset: String,
+    pub itemsize: u64,
+    /// The item's body lines, trimmed.
+    pub body: Vec<String>,
+}
+
+impl DumpItem {
+    /// The objectid as a number (inode number in fs trees).
+    pub fn ino(&self) -> Option<u64> {
+        self.objectid.parse().ok()
+    }
+
+    pub fn offset_u64(&self) -> u64 {
+        self.offset
+            .parse()
+            .unwrap_or_else(|_| panic!("key offset {:?} is not a number", self.offset))
+    }
+
+    /// The number after `word` in the body (e.g. `field("transid")`).
+    pub fn field(&self, word: &str) -> Option<u64> {
+        self.fields(word).into_iter().next()
+    }
+
+    /// Every number that follows `word` in the body, in order.
+    pub fn fields(&self, word: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        for line in &self.body {
+            let toks: Vec<&str> = line.split_whitespace().collect();
+            for w in toks.windows(2) {
+                if w[0] == word {
+                    if let Ok(v) = w[1].parse() {
+                        out.push(v);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Every leaf item of one tree (`-t fs`, `-t extent`, ...) of an image.
+pub fn dump_tree(img: &Path, tree: &str) -> Vec<DumpItem> {
+    let mut cmd = Command::new(tool("btrfs"));
+    cmd.args(["inspect-internal", "dump-tree", "-t", tree])
+        .arg(img);
+    let o = run(&mut cmd);
+    assert!(
+        o.status.success(),
+        "{} failed: {}",
+        describe(&cmd),
+        output_text(&o)
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut items: Vec<DumpItem> = Vec::new();
+    let mut in_item = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("\titem ") {
+            let key = rest
+                .split_once(" key (")
+                .and_then(|(_, k)| k.split_once(") "))
+                .unwrap_or_else(|| panic!("unexpected dump-tree line: {line}"));
+            let parts: Vec<&str> = key.0.split(' ').collect();
+            assert_eq!(parts.len(), 3, "unexpected key in: {line}");
+            let toks: Vec<&str> = key.1.split_whitespace().collect();
+            let itemsize = toks
+                .windows(2)
+                .find(|w| w[0] == "itemsize")
+                .and_then(|w| w[1].parse().ok())
+                .unwrap_or(0);
+            items.push(DumpItem {
+                objectid: parts[0].to_string(),
+                ty: parts[1].to_string(),
+                offset: parts[2].to_string(),
+                itemsize,
+                body: Vec::new(),
+            });
+            in_item = true;
+        } else if line.starts_with("\t\t") && in_item {
+            items.last_mut().unwrap().body.push(line.trim().to_string());
+        } else {
+            in_item = false;
+        }
+    }
+    items
+}
+
+/// The generation in the image's primary superblock.
+pub fn super_generation(img: &Path) -> u64 {
+    let text = run_ok(
+        Command::new(tool("btrfs"))
+            .args(["inspect-internal", "dump-super"])
+            .arg(img),
+    );
+    text.lines()
+        .find_map(|l| {
+            let mut t = l.split_whitespace();
+            (t.next() == Some("generation")).then(|| t.next()?.parse().ok())?
+        })
+        .expect("no generation in dump-super output")
+}
+
+/// Bytes of the DATA block groups in use (`btrfs filesystem df -b`).
+pub fn data_used(mnt: &Path) -> u64 {
+    let text = run_ok(
+        Command::new(tool("btrfs"))
+            .args(["filesystem", "df", "-b"])
+            .arg(mnt),
+    );
+    text.lines()
+        .find(|l| l.starts_with("Data,"))
+        .and_then(|l| l.split("used=").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Data line in `btrfs filesystem df`: {text}"))
+}
+
+/// Data ranges of a file (SEEK_DATA/SEEK_HOLE), rounded out to 4 KiB sectors
+/// and merged: the extents a no-holes btrfs should hold for it.
+pub fn sector_data_ranges(p: &Path) -> Vec<(u64, u64)> {
+    let f = open_noatime(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let len = f.metadata().unwrap().len();
+    let segs = data_segments(&f, len)
+        .into_iter()
+        .map(|(a, b)| (a / 4096 * 4096, b.div_ceil(4096) * 4096))
+        .collect();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in merge_segments(segs) {
+        match out.last_mut() {
+            Some(l) if l.1 >= a => l.1 = l.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
 // ---------------------------------------------------------------------------
 // btrfs check / scrub
 // ---------------------------------------------------------------------------
@@ -739,28 +912,108 @@ impl LoopMount {
         if !self.mounted {
             return Ok(());
         }
-        let mut last = String::new();
-        for attempt in 0..10 {
-            let o = Command::new(tool("umount")).arg(&self.path).output();
-            match o {
-                Ok(o) if o.status.success() => return Ok(()),
-                Ok(o) => last = output_text(&o),
-                Err(e) => last = e.to_string(),
+        unmount_retrying(&self.path)
+    }
+}
+
+/// `umount PATH`, retried for a few seconds; falls back to `umount -l` (and
+/// then still reports an error).
+fn unmount_retrying(path: &Path) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..10 {
+        let o = Command::new(tool("umount")).arg(path).output();
+        match o {
+            Ok(o) if o.status.success() => return Ok(()),
+            Ok(o) => last = output_text(&o),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
+    }
+    match Command::new(tool("umount")).arg("-l").arg(path).output() {
+        Ok(o) if o.status.success() => Err(format!(
+            "plain umount kept failing ({}); lazily unmounted instead",
+            last.trim()
+        )),
+        Ok(o) => Err(format!("umount -l failed too: {}", output_text(&o))),
+        Err(e) => Err(format!("umount -l failed too: {e}")),
+    }
+}
+
+/// A scratch filesystem mounted on a private temp directory (unmounted on
+/// drop), used as a source where the test filesystem could differ from what
+/// a test needs. `tmpfs`: xattr values up to what a btrfs leaf item allows
+/// (ext4 keeps all of an inode's xattrs in one 4 KiB block), the full 64-bit
+/// time range, 200,000 files created quickly. `ext4`: a loop-mounted ext4
+/// whatever /tmp is, for ext4's own block accounting.
+pub struct ScratchFs {
+    dir: Option<TempDir>,
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl ScratchFs {
+    /// `mount -t tmpfs -o size=SIZE tmpfs <tempdir>`.
+    pub fn tmpfs(tag: &str, size: u64) -> ScratchFs {
+        let dir = workdir(&format!("tmpfs-{tag}"));
+        let path = fs::canonicalize(dir.path()).unwrap();
+        run_ok(
+            Command::new(tool("mount"))
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size},mode=0755"))
+                .arg("tmpfs")
+                .arg(&path),
+        );
+        ScratchFs {
+            dir: Some(dir),
+            path,
+            mounted: true,
+        }
+    }
+
+    /// A fresh ext4 (4 KiB blocks) of SIZE bytes in a sparse file, loop-mounted.
+    pub fn ext4(tag: &str, size: u64) -> ScratchFs {
+        let dir = workdir(&format!("ext4-{tag}"));
+        let img = dir.path().join("ext4.img");
+        File::create(&img).unwrap().set_len(size).unwrap();
+        run_ok(
+            Command::new(tool("mkfs.ext4"))
+                .args(["-q", "-F", "-b", "4096"])
+                .arg(&img),
+        );
+        let path = fs::canonicalize(dir.path()).unwrap().join("mnt");
+        fs::create_dir(&path).unwrap();
+        run_ok(
+            Command::new(tool("mount"))
+                .args(["-t", "ext4", "-o", "loop"])
+                .arg(&img)
+                .arg(&path),
+        );
+        ScratchFs {
+            dir: Some(dir),
+            path,
+            mounted: true,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchFs {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        if let Err(e) = unmount_retrying(&self.path) {
+            eprintln!("warning: scratch fs {}: {e}", self.path.display());
+            if mount_source(&self.path).is_some() {
+                if let Some(d) = self.dir.take() {
+                    let _ = d.keep();
+                }
             }
-            std::thread::sleep(Duration::from_millis(100 * (attempt + 1)));
         }
-        match Command::new(tool("umount"))
-            .arg("-l")
-            .arg(&self.path)
-            .output()
-        {
-            Ok(o) if o.status.success() => Err(format!(
-                "plain umount kept failing ({}); lazily unmounted instead",
-                last.trim()
-            )),
-            Ok(o) => Err(format!("umount -l failed too: {}", output_text(&o))),
-            Err(e) => Err(format!("umount -l failed too: {e}")),
-        }
+        self.mounted = false;
     }
 }
 
@@ -871,8 +1124,16 @@ pub fn compare_file_contents(a: &Path, b: &Path) -> Result<(), String> {
     }
     let mut segs = data_segments(&fa, la);
     segs.extend(data_segments(&fb, lb));
-    let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
-    for (start, end) in merge_segments(segs) {
+    let segs = merge_segments(segs);
+    // Buffers only as large as needed: most files are small or empty.
+    let buf = segs
+        .iter()
+        .map(|(s, e)| (e - s) as usize)
+        .max()
+        .unwrap_or(0)
+        .min(CHUNK);
+    let (mut ba, mut bb) = (vec![0u8; buf], vec![0u8; buf]);
+    for (start, end) in segs {
         let mut off = start;
         while off < end {
             let n = (end - off).min(CHUNK as u64) as usize;
@@ -1154,6 +1415,9 @@ pub struct CompareOpts {
     pub rdev: bool,
     /// Compare extended attributes.
     pub xattrs: bool,
+    /// Compare regular files' holes: their data ranges (SEEK_DATA /
+    /// SEEK_HOLE, rounded out to 4 KiB sectors) must be the same.
+    pub holes: bool,
     /// How many differences the panic message lists.
     pub max_reported: usize,
 }
@@ -1166,6 +1430,7 @@ impl Default for CompareOpts {
             root_mtime: true,
             rdev: true,
             xattrs: true,
+            holes: true,
             max_reported: 50,
         }
     }
@@ -1173,13 +1438,14 @@ impl Default for CompareOpts {
 
 impl CompareOpts {
     /// Strict for btrfsimg; relaxed only where mkfs.btrfs 6.2 is known to
-    /// lose information (nanoseconds, root dir times, rdev).
+    /// lose information (nanoseconds, root dir times, rdev, holes).
     pub fn for_builder() -> Self {
         let mut o = CompareOpts::default();
         if is_mkfs_mode() {
             o.mtime_ns = false;
             o.root_mtime = false;
             o.rdev = false;
+            o.holes = false;
         }
         o
     }
@@ -1288,6 +1554,11 @@ pub fn tree_differences(src: &Path, mnt: &Path, opts: CompareOpts) -> Vec<String
                     d(format!("size {} vs {}", s.len(), m.len()));
                 } else if let Err(e) = compare_file_contents(&sp, &mp) {
                     d(e);
+                } else if opts.holes && s.len() > 0 {
+                    let (a, b) = (sector_data_ranges(&sp), sector_data_ranges(&mp));
+                    if a != b {
+                        d(format!("data ranges {a:?} vs {b:?}"));
+                    }
                 }
             }
             libc::S_IFLNK => {
@@ -1587,6 +1858,22 @@ impl TreeBuilder {
         let r = unsafe { libc::mknod(c.as_ptr(), kind | 0o600, libc::makedev(major, minor)) };
         assert_eq!(r, 0, "mknod {}: {}", show(rel), io::Error::last_os_error());
         self.record(rel, 0o600, false);
+        self
+    }
+
+    /// Unix socket inode (mknod S_IFSOCK: the same inode a bound socket leaves).
+    pub fn socket(&mut self, rel: &[u8]) -> &mut Self {
+        self.ensure_parents(rel);
+        let c = cpath(&self.path(rel));
+        let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFSOCK | 0o755, 0) };
+        assert_eq!(
+            r,
+            0,
+            "mknod socket {}: {}",
+            show(rel),
+            io::Error::last_os_error()
+        );
+        self.record(rel, 0o755, false);
         self
     }
 
