@@ -342,7 +342,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                         std::process::exit(128 + libc::SIGPIPE)
                     }
-                    Err(e) => Err(Error::msg(format!("writing to stdout: {e}"))),
+                    Err(e) => Err(e),
                 }
             } else {
                 let path = output.unwrap_or_default();
