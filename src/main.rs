@@ -448,7 +448,12 @@ fn mount_options(
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // fuser warns when it cannot unmount at the end of a session that
+    // `fusermount3 -u` (the documented way to stop serving) already ended.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,fuser::session=error,fuser::mnt=error"),
+    )
+    .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
