@@ -27,6 +27,23 @@ impl Error {
         }
     }
 
+    /// An I/O error whose message already names its path (as `Image::read_at`'s
+    /// errors name the source file); keeps its kind.
+    pub fn named(err: io::Error) -> Error {
+        Error {
+            msg: err.to_string(),
+            kind: err.kind(),
+        }
+    }
+
+    /// The operation on `path` was stopped by a signal (kind `Interrupted`).
+    pub fn interrupted(path: &Path) -> Error {
+        Error {
+            msg: format!("{}: interrupted", path.display()),
+            kind: io::ErrorKind::Interrupted,
+        }
+    }
+
     /// Something wrong with `path` that is not an I/O error.
     pub fn at(path: &Path, reason: impl fmt::Display) -> Error {
         Error::msg(format!("{}: {}", path.display(), reason))

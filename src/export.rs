@@ -44,6 +44,33 @@ fn progress_bar(image: &Image, opts: &ExportOptions) -> ProgressBar {
     pb
 }
 
+/// Why feeding the image stopped.
+enum Stop {
+    /// Producing the image failed; the message names the source file.
+    Read(io::Error),
+    /// The sink failed.
+    Write(io::Error),
+    /// SIGINT/SIGTERM (the cancel flag).
+    Interrupted,
+}
+
+impl Stop {
+    /// The error to report, `out` naming the sink.
+    fn into_error(self, out: &Path) -> Error {
+        match self {
+            Stop::Read(e) => Error::named(e),
+            Stop::Write(e) => Error::io(out, e),
+            Stop::Interrupted => Error::interrupted(out),
+        }
+    }
+}
+
+fn cancelled(opts: &ExportOptions) -> bool {
+    opts.cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
+}
+
 /// Feeds the whole image, in order, to `sink(offset, bytes)`. With `skip_zero`,
 /// ranges the image knows to be zero are not produced (the sink sees a gap).
 fn pump(
@@ -51,24 +78,20 @@ fn pump(
     opts: &ExportOptions,
     skip_zero: bool,
     mut sink: impl FnMut(u64, &[u8]) -> io::Result<()>,
-) -> io::Result<()> {
+) -> std::result::Result<(), Stop> {
     let pb = progress_bar(image, opts);
     let mut buf = vec![0u8; CHUNK];
     let mut off = 0u64;
     let size = image.size();
     while off < size {
-        if opts
-            .cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
-        {
+        if cancelled(opts) {
             pb.abandon();
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+            return Err(Stop::Interrupted);
         }
         let want = CHUNK.min((size - off) as usize);
         if !(skip_zero && image.is_zero_range(off, want as u64)) {
-            let n = image.read_at(off, &mut buf[..want])?;
-            sink(off, &buf[..n])?;
+            let n = image.read_at(off, &mut buf[..want]).map_err(Stop::Read)?;
+            sink(off, &buf[..n]).map_err(Stop::Write)?;
         }
         off += want as u64;
         pb.set_position(off);
@@ -78,7 +101,11 @@ fn pump(
 }
 
 /// Writes the image into a seekable file, leaving zero runs as holes.
-fn write_sparse(image: &Image, file: &mut File, opts: &ExportOptions) -> io::Result<()> {
+fn write_sparse(
+    image: &Image,
+    file: &mut File,
+    opts: &ExportOptions,
+) -> std::result::Result<(), Stop> {
     pump(image, opts, true, |off, data| {
         for (i, piece) in data.chunks(HOLE_GRAIN).enumerate() {
             if piece.iter().all(|&b| b == 0) {
@@ -89,27 +116,39 @@ fn write_sparse(image: &Image, file: &mut File, opts: &ExportOptions) -> io::Res
         }
         Ok(())
     })?;
-    file.set_len(image.size())
+    file.set_len(image.size()).map_err(Stop::Write)
 }
 
-/// Streams the image (optionally zstd-compressed) to `out`.
-pub fn write_stream(image: &Image, out: &mut dyn Write, opts: &ExportOptions) -> io::Result<()> {
+fn stream(
+    image: &Image,
+    out: &mut dyn Write,
+    opts: &ExportOptions,
+) -> std::result::Result<(), Stop> {
     match opts.zstd {
         None => {
             pump(image, opts, false, |_, data| out.write_all(data))?;
-            out.flush()
+            out.flush().map_err(Stop::Write)
         }
         Some(level) => {
-            let mut enc = zstd::stream::Encoder::new(out, level)?;
+            let mut enc = zstd::stream::Encoder::new(out, level).map_err(Stop::Write)?;
             if opts.threads > 0 {
-                enc.multithread(opts.threads)?;
+                enc.multithread(opts.threads).map_err(Stop::Write)?;
             }
-            enc.include_checksum(true)?;
-            enc.set_pledged_src_size(Some(image.size()))?;
+            enc.include_checksum(true).map_err(Stop::Write)?;
+            enc.set_pledged_src_size(Some(image.size()))
+                .map_err(Stop::Write)?;
             pump(image, opts, false, |_, data| enc.write_all(data))?;
-            enc.finish()?.flush()
+            enc.finish().and_then(|w| w.flush()).map_err(Stop::Write)
         }
     }
+}
+
+/// Streams the image (optionally zstd-compressed) to `out`, which is called
+/// `stdout` in errors: a source file's error names the file, a write error
+/// is `stdout: reason` (kind kept, e.g. `BrokenPipe`), a cancel is
+/// `stdout: interrupted` (kind `Interrupted`).
+pub fn write_stream(image: &Image, out: &mut dyn Write, opts: &ExportOptions) -> Result<()> {
+    stream(image, out, opts).map_err(|s| s.into_error(Path::new("stdout")))
 }
 
 /// A temporary output file that is removed unless committed.
@@ -126,21 +165,81 @@ impl Drop for TempOutput {
     }
 }
 
-/// Writes the image to `path` via a temporary file renamed on success.
-pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOptions) -> Result<()> {
+/// The directory and the file name of an output path.
+fn output_parts(path: &Path) -> Result<(PathBuf, &std::ffi::OsStr)> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::at(path, "not a file name"))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::at(path, "not a file name"))?;
-    if !dir.is_dir() {
-        return Err(Error::at(&dir, "output directory does not exist"));
+    Ok((dir, name))
+}
+
+/// Refuses, before any work, an output that cannot or must not be written: a
+/// missing or non-directory parent, a directory, or (without `overwrite`) an
+/// existing file.
+pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
+    let (dir, _) = output_parts(path)?;
+    match fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::at(
+                &dir,
+                "not a directory (the output file's parent)",
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error::at(&dir, "output directory does not exist"))
+        }
+        Err(e) => return Err(Error::io(&dir, e)),
     }
-    if !overwrite && fs::symlink_metadata(path).is_ok() {
-        return Err(Error::at(path, "already exists (use --force to overwrite)"));
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Err(Error::at(path, "is a directory")),
+        Ok(_) if !overwrite => Err(Error::at(path, "already exists (use --force to overwrite)")),
+        _ => Ok(()),
     }
+}
+
+/// Moves the finished temporary file to `path`; without `overwrite` an
+/// output created meanwhile is not replaced (RENAME_NOREPLACE).
+fn commit(tmp: &Path, path: &Path, overwrite: bool) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if !overwrite {
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        if let (Ok(from), Ok(to)) = (c(tmp), c(path)) {
+            // SAFETY: two valid C strings, relative to the current directory.
+            let r = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    from.as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::RENAME_NOREPLACE,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    return Err(Error::at(path, "already exists (use --force to overwrite)"))
+                }
+                // Not supported here: check and rename.
+                Some(libc::EINVAL | libc::ENOSYS) => check_output(path, false)?,
+                _ => return Err(Error::io(path, e)),
+            }
+        }
+    }
+    fs::rename(tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Writes the image to `path` via a temporary file renamed on success.
+pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOptions) -> Result<()> {
+    check_output(path, overwrite)?;
+    let (dir, name) = output_parts(path)?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".btrfsimg-{}.tmp", std::process::id()));
@@ -159,14 +258,19 @@ pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOpti
         None => write_sparse(image, &mut file, opts),
         Some(_) => {
             let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
-            write_stream(image, &mut w, opts)
+            stream(image, &mut w, opts)
         }
     };
     written
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io(path, e))?;
+        .and_then(|()| file.sync_all().map_err(Stop::Write))
+        // A signal that came after the last chunk still means "do not finish".
+        .and_then(|()| match cancelled(opts) {
+            true => Err(Stop::Interrupted),
+            false => Ok(()),
+        })
+        .map_err(|s| s.into_error(path))?;
     drop(file);
-    fs::rename(&tmp_path, path).map_err(|e| Error::io(path, e))?;
+    commit(&tmp_path, path, overwrite)?;
     guard.committed = true;
     Ok(())
 }

@@ -249,13 +249,16 @@ impl Filesystem for ImageFs {
 /// Refuses mountpoints that would hide data or stack on another mount.
 pub fn check_mountpoint(path: &Path) -> crate::Result<PathBuf> {
     use crate::Error;
-    let canon = path.canonicalize().map_err(|e| Error::io(path, e))?;
-    if !canon.is_dir() {
+    let err = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::ENOTCONN) => Error::at(
+            path,
+            "a dead FUSE mount (its server was killed); remove it with fusermount3 -u",
+        ),
+        _ => Error::io(path, e),
+    };
+    let canon = path.canonicalize().map_err(err)?;
+    if !std::fs::metadata(&canon).map_err(err)?.is_dir() {
         return Err(Error::at(path, "mountpoint is not a directory"));
-    }
-    let mut rd = std::fs::read_dir(&canon).map_err(|e| Error::io(path, e))?;
-    if rd.next().is_some() {
-        return Err(Error::at(path, "mountpoint is not empty"));
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let target = canon.to_string_lossy();
@@ -265,6 +268,10 @@ pub fn check_mountpoint(path: &Path) -> crate::Result<PathBuf> {
         .any(|m| unescape_mountinfo(m) == target);
     if mounted {
         return Err(Error::at(path, "something is already mounted there"));
+    }
+    let mut rd = std::fs::read_dir(&canon).map_err(|e| Error::io(path, e))?;
+    if rd.next().is_some() {
+        return Err(Error::at(path, "mountpoint is not empty"));
     }
     Ok(canon)
 }

@@ -31,8 +31,24 @@ use std::sync::Arc;
 /// (`plan::space::METADATA_CHUNK_MAX`), so a sequential reader of a DUP image
 /// finds every block's second copy still cached.
 const BLOCK_CACHE_BYTES: usize = 40 << 20;
-/// Source files kept open.
+/// Source files kept open at most (fewer under a low open-file limit).
 const OPEN_FILES: usize = 128;
+
+/// How many source files to keep open: at most half the soft open-file limit,
+/// leaving the rest to the frontends (stdio, output, /dev/fuse clones).
+fn open_files_cap() -> usize {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid rlimit above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return OPEN_FILES;
+    }
+    usize::try_from(r.rlim_cur / 2)
+        .unwrap_or(OPEN_FILES)
+        .clamp(1, OPEN_FILES)
+}
 
 pub struct Image {
     plan: Plan,
@@ -65,7 +81,7 @@ impl Image {
                 NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN),
             )),
             files: Mutex::new(LruCache::new(
-                NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN),
+                NonZeroUsize::new(open_files_cap()).unwrap_or(NonZeroUsize::MIN),
             )),
             csums: (0..sectors).map(|_| AtomicU32::new(0)).collect(),
             csum_known: (0..sectors.div_ceil(64))
@@ -379,6 +395,9 @@ impl Image {
     }
 
     /// Source bytes of `node` from `offset`; zeros past the planned file size.
+    /// The file is checked against the plan (size, mtime, ctime) after every
+    /// read, so bytes of a file that changed before or while it was read are
+    /// never returned, even through a descriptor opened before the change.
     fn read_file(&self, node: u32, offset: u64, out: &mut [u8]) -> io::Result<()> {
         let size = self.plan.source.node(node).size;
         let n = size.saturating_sub(offset).min(out.len() as u64) as usize;
@@ -409,21 +428,35 @@ impl Image {
                 }
             }
         }
-        Ok(())
+        let path = || self.plan.source.path(node);
+        let m = f
+            .metadata()
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {}", path().display(), e)))?;
+        verify_unchanged(self.plan.source.node(node), &m).map_err(|what| changed(&path(), what))
     }
 
+    /// An open descriptor of `node`'s source file, from the cache if it is
+    /// there. When the process runs out of descriptors, cached ones are
+    /// closed, least recently used first, until the open succeeds.
     fn open(&self, node: u32) -> io::Result<Arc<File>> {
         if let Some(f) = self.files.lock().get(&node) {
             return Ok(f.clone());
         }
-        let tree = &self.plan.source;
-        let path = tree.path(node);
-        let f = File::open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {}", path.display(), e)))?;
-        let m = f
-            .metadata()
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {}", path.display(), e)))?;
-        verify_unchanged(tree.node(node), &m).map_err(|what| changed(&path, what))?;
+        let path = self.plan.source.path(node);
+        let f = loop {
+            match File::open(&path) {
+                Ok(f) => break f,
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                        && self.files.lock().pop_lru().is_some() => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("{}: {}", path.display(), e),
+                    ))
+                }
+            }
+        };
         let f = Arc::new(f);
         self.files.lock().put(node, f.clone());
         Ok(f)

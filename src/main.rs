@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -207,6 +207,14 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
             Err(_) => 1,
         },
     };
+    if let Some(l) = &a.label {
+        if l.len() > 255 {
+            return Err(Error::msg(format!(
+                "invalid --label: {} bytes long; at most 255 are allowed",
+                l.len()
+            )));
+        }
+    }
     Ok(Options {
         nodesize: a.nodesize,
         metadata_dup: matches!(a.metadata, Profile::Dup),
@@ -286,14 +294,26 @@ fn sources(root: Option<PathBuf>, a: &ImageArgs) -> Result<Sources, Error> {
     })
 }
 
-/// Set by SIGINT/SIGTERM during an export, so the temporary file is removed.
-fn cancel_flag() -> Result<Arc<AtomicBool>, Error> {
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, flag.clone())
+/// The last termination signal an export received (0: none).
+static SIGNAL: AtomicUsize = AtomicUsize::new(0);
+
+/// SIGINT, SIGTERM and SIGHUP during an export. While `reading` is set (the
+/// inputs are read and planned; no file exists yet) they end the process at
+/// once with status 128 + the signal. Afterwards they set the returned flag:
+/// the export stops between chunks, removes its temporary file and exits with
+/// the same status.
+fn export_signals(reading: &Arc<AtomicBool>) -> Result<Arc<AtomicBool>, Error> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        signal_hook::flag::register_usize(sig, &SIGNAL, sig as usize)
+            .and_then(|_| {
+                signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, reading.clone())
+            })
+            .and_then(|_| signal_hook::flag::register(sig, cancel.clone()))
             .map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))?;
     }
-    Ok(flag)
+    Ok(cancel)
 }
 
 fn run(cli: Cli) -> Result<(), Error> {
@@ -307,6 +327,8 @@ fn run(cli: Cli) -> Result<(), Error> {
             threads,
             quiet,
         } => {
+            let reading = Arc::new(AtomicBool::new(true));
+            let cancel = export_signals(&reading)?;
             let opts = options(&image)?;
             let srcs = sources(root, &image)?;
             if let Some(l) = zstd {
@@ -330,8 +352,11 @@ fn run(cli: Cli) -> Result<(), Error> {
                     true
                 }
             };
-            let cancel = cancel_flag()?;
+            if let Some(path) = output.as_deref().filter(|_| !to_stdout) {
+                export::check_output(path, force)?;
+            }
             let plan = btrfsimg::plan_sources(&srcs, &opts)?;
+            reading.store(false, Ordering::SeqCst);
             log::info!(
                 "planned {} bytes, {} tree blocks, {} data extents",
                 plan.total_bytes,
@@ -357,7 +382,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                         std::process::exit(128 + libc::SIGPIPE)
                     }
-                    Err(e) => Err(Error::msg(format!("writing to stdout: {e}"))),
+                    Err(e) => Err(e),
                 }
             } else {
                 let path = output.unwrap_or_default();
@@ -452,17 +477,28 @@ fn mount_options(
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // fuser warns when it cannot unmount at the end of a session that
+    // `fusermount3 -u` (the documented way to stop serving) already ended.
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("warn,fuser::session=error,fuser::mnt=error"),
+    )
+    .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-            eprintln!("btrfsimg: {e}");
-            ExitCode::from(130)
-        }
         Err(e) => {
-            eprintln!("btrfsimg: {e}");
-            ExitCode::FAILURE
+            // Never panic over a closed stderr.
+            use std::io::Write;
+            let _ = writeln!(io::stderr().lock(), "btrfsimg: {e}");
+            if e.kind() == io::ErrorKind::Interrupted {
+                // 128 + the signal, as for a process the signal had killed.
+                match SIGNAL.load(Ordering::SeqCst) {
+                    0 => ExitCode::from(128 + libc::SIGINT as u8),
+                    sig => ExitCode::from(128 + sig as u8),
+                }
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

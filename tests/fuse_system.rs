@@ -8,137 +8,12 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn fuse_available(what: &str) -> bool {
-    if !system_tests_available(what) {
-        return false;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return skip_or_panic(what, "/dev/fuse is missing");
-    }
-    if Command::new("fusermount3").arg("-V").output().is_err() {
-        return skip_or_panic(what, "fusermount3 not found (apt-get install fuse3)");
-    }
-    true
-}
-
-fn is_mounted(mnt: &Path) -> bool {
-    let target = mnt.to_string_lossy().into_owned();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
-}
-
-/// A running `btrfsimg mount`, stopped (and cleaned up) on drop.
-struct FuseMount {
-    child: Option<Child>,
-    mnt: PathBuf,
-}
-
-impl FuseMount {
-    fn start(src: &Path, mnt: &Path, extra: &[&str]) -> FuseMount {
-        fs::create_dir_all(mnt).unwrap();
-        let mnt = mnt.canonicalize().unwrap();
-        let mut child = Command::new(btrfsimg_bin())
-            .arg("mount")
-            .arg(src)
-            .arg(&mnt)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn btrfsimg mount");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let mut m = FuseMount {
-            child: Some(child),
-            mnt: mnt.clone(),
-        };
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("btrfsimg mount did not report fs.img");
-        assert_eq!(
-            line.trim_end(),
-            mnt.join("fs.img").to_string_lossy(),
-            "first stdout line must be the path of fs.img"
-        );
-        assert!(is_mounted(&mnt), "{} is not mounted", mnt.display());
-        if let Some(c) = m.child.as_mut() {
-            assert!(
-                c.try_wait().unwrap().is_none(),
-                "mount process exited early"
-            );
-        }
-        m
-    }
-
-    /// Bytes the serving process has read with read(2)-family calls so far.
-    fn rchar(&self) -> u64 {
-        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
-        let io = fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
-        io.lines()
-            .find_map(|l| l.strip_prefix("rchar: "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap()
-    }
-
-    fn img(&self) -> PathBuf {
-        self.mnt.join("fs.img")
-    }
-
-    /// Sends `sig` and waits for the process; returns its exit status.
-    fn stop(mut self, sig: i32) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "btrfsimg mount ignored signal {sig}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(&self.mnt)
-                .status();
-        }
-    }
-}
 
 /// Bytes of data in the regular files below `root` (sparse files count their data only).
 fn tree_file_bytes(root: &Path) -> u64 {
@@ -159,22 +34,6 @@ fn tree_file_bytes(root: &Path) -> u64 {
     n
 }
 
-fn build_tree(root: &Path) {
-    let mut t = TreeBuilder::new(root);
-    for (i, size) in [0u64, 1, 2048, 2049, 4096, 65537, (3 << 20) + 5, 9 << 20]
-        .into_iter()
-        .enumerate()
-    {
-        t.random_file(format!("files/f{i}").as_bytes(), size, 100 + i as u64);
-    }
-    for i in 0..1500u64 {
-        t.random_file(format!("many/e{i:04}").as_bytes(), (i * 131) % 7000, i);
-    }
-    t.symlink(b"link", b"files/f1");
-    t.sparse_file(b"sparse", 20 << 20, &[(8 << 20, b"middle")]);
-    t.finalize();
-}
-
 #[test]
 fn fuse_image_is_the_export_and_a_valid_filesystem() {
     if !fuse_available("fuse_image_is_the_export_and_a_valid_filesystem") {
@@ -182,7 +41,7 @@ fn fuse_image_is_the_export_and_a_valid_filesystem() {
     }
     let work = workdir("fuse-valid");
     let src = work.path().join("src");
-    build_tree(&src);
+    fuse_test_tree(&src);
     let args = fixed_args("0b0d0a0e-0004-4000-8000-000000000001");
     let exported = work.path().join("export.img");
     export(&src, &exported, &args);
@@ -261,7 +120,7 @@ fn fuse_concurrent_random_and_direct_reads() {
     }
     let work = workdir("fuse-random");
     let src = work.path().join("src");
-    build_tree(&src);
+    fuse_test_tree(&src);
     let args = fixed_args("0b0d0a0e-0004-4000-8000-000000000002");
     let exported = work.path().join("export.img");
     export(&src, &exported, &args);

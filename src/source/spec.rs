@@ -41,7 +41,11 @@ impl Closure {
         if !dir.is_dir() {
             return Err(Error::at(dir, "closure-info directory does not exist"));
         }
-        let mut c = Closure::from_store_paths_file(&dir.join("store-paths"))?;
+        let paths = dir.join("store-paths");
+        if !paths.is_file() {
+            return Err(Error::at(&paths, "missing from the closure-info directory"));
+        }
+        let mut c = Closure::from_store_paths_file(&paths)?;
         let reg = dir.join("registration");
         if !reg.is_file() {
             return Err(Error::at(&reg, "missing from the closure-info directory"));

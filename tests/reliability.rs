@@ -1,0 +1,1046 @@
+//! Reliability without privileges (as root, the "unreadable" cases drop to
+//! nobody with setpriv): every bad input ends with one line naming the path and
+//! the reason, exit status 1 and no output file; a source that changes after
+//! planning is never served; signals and closed pipes end cleanly and leave
+//! nothing named like the output; the open-file limit and memory stay bounded.
+//! Disk-full and FUSE cases need root: tests/reliability_system.rs.
+
+mod common;
+
+use btrfsimg::plan::space::{RegionKind, SYSTEM_START};
+use btrfsimg::{export, plan_dir, Image, Options};
+use common::*;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn chmod(p: &Path, mode: u32) {
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+}
+
+/// A temporary directory for big (fallocated, never written) files: under the
+/// target directory rather than /tmp, which may be a tmpfs held in memory.
+fn big_workdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("btrfsimg-{tag}-"))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("create temp dir")
+}
+
+/// A file of `len` zero bytes whose blocks are allocated (fallocate), so that
+/// btrfsimg reads it as data, without writing it.
+fn allocated_file(p: &Path, len: u64) {
+    use std::os::fd::AsRawFd;
+    let f = File::create(p).unwrap();
+    // SAFETY: fallocate on an open fd.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+    assert_eq!(
+        r,
+        0,
+        "fallocate {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    dir_names(dir).iter().map(|n| show(n)).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Bad inputs
+// ---------------------------------------------------------------------------
+
+struct Case {
+    name: &'static str,
+    args: Vec<OsString>,
+    env: Vec<(&'static str, &'static str)>,
+    /// Run as an unprivileged user (setpriv when root).
+    unprivileged: bool,
+    /// Every fragment must appear in the error line.
+    expect: Vec<String>,
+}
+
+fn case(
+    name: &'static str,
+    args: &[&dyn AsRef<std::ffi::OsStr>],
+    expect: &[&dyn ToString],
+) -> Case {
+    Case {
+        name,
+        args: args.iter().map(|a| a.as_ref().to_os_string()).collect(),
+        env: Vec::new(),
+        unprivileged: false,
+        expect: expect.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+struct D<'a>(&'a Path);
+impl std::fmt::Display for D<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.display())
+    }
+}
+
+/// The table: each row is a command line that must fail with exit status 1,
+/// print one line on stderr naming the path (or option) and the reason, print
+/// nothing on stdout, and leave nothing in the output directory.
+#[test]
+fn bad_inputs_fail_with_one_line_and_leave_nothing() {
+    let work = workdir("bad-input");
+    let w = work.path().to_path_buf();
+    chmod(&w, 0o755); // traversable for the unprivileged rows
+    let src = w.join("src");
+    let mut t = TreeBuilder::new(&src);
+    t.file(b"a", b"hello\n")
+        .random_file(b"big", 100 * KIB, 1)
+        .file(b"d/x", b"x")
+        .finalize();
+    let file = w.join("file");
+    fs::write(&file, b"not a directory").unwrap();
+    let out_dir = w.join("out");
+    fs::create_dir(&out_dir).unwrap();
+    chmod(&out_dir, 0o777);
+    let out = out_dir.join("x.img");
+    // Closure inputs.
+    let ci_empty = w.join("ci-empty");
+    fs::create_dir(&ci_empty).unwrap();
+    let ci_noreg = w.join("ci-noreg");
+    fs::create_dir(&ci_noreg).unwrap();
+    fs::write(ci_noreg.join("store-paths"), b"").unwrap();
+    let missing_paths = w.join("missing.paths");
+    fs::write(&missing_paths, b"/nix/store/abc-missing\n").unwrap();
+    let elsewhere = w.join("elsewhere/pkg");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let outside_paths = w.join("outside.paths");
+    fs::write(&outside_paths, format!("{}\n", elsewhere.display())).unwrap();
+    let chroot = w.join("chroot");
+    fs::create_dir(&chroot).unwrap();
+    // Overlay conflicting with src/a.
+    let ov = w.join("ov");
+    fs::create_dir(&ov).unwrap();
+    fs::write(ov.join("a"), b"other").unwrap();
+    // Unreadable inputs (for an unprivileged user).
+    let unread_file = w.join("unreadable-file");
+    let unread_inline = w.join("unreadable-inline");
+    let unread_dir = w.join("unreadable-dir");
+    for (root, rel, size) in [
+        (&unread_file, "secret", 100 * KIB),
+        (&unread_inline, "tiny", 10),
+        (&unread_dir, "d/inner", 10),
+    ] {
+        let mut t = TreeBuilder::new(root);
+        t.random_file(b"ok", 5000, 2)
+            .random_file(rel.as_bytes(), size, 3)
+            .finalize();
+    }
+    chmod(&unread_file.join("secret"), 0o000);
+    chmod(&unread_inline.join("tiny"), 0o000);
+    chmod(&unread_dir.join("d"), 0o000);
+    // Mountpoints.
+    let mnt_full = w.join("mnt-full");
+    fs::create_dir(&mnt_full).unwrap();
+    fs::write(mnt_full.join("f"), b"f").unwrap();
+    let mnt_empty = w.join("mnt-empty");
+    fs::create_dir(&mnt_empty).unwrap();
+
+    let long_label = "a".repeat(256);
+    let (nosuch, nodir) = (w.join("nosuch"), w.join("nodir"));
+    let e = "export";
+    let o = "-o";
+    let file_out = file.join("x.img");
+    let nodir_out = nodir.join("x.img");
+    let unexpected_ci = w.join("nosuch-ci");
+    let ci_store_paths = ci_empty.join("store-paths");
+    let ci_registration = ci_noreg.join("registration");
+    let chroot_missing = chroot.join("nix/store/abc-missing");
+    let mut cases = vec![
+        case(
+            "missing ROOT",
+            &[&e, &nosuch, &o, &out],
+            &[&D(&nosuch), &"No such file or directory"],
+        ),
+        case(
+            "ROOT is a file",
+            &[&e, &file, &o, &out],
+            &[&D(&file), &"ROOT is not a directory"],
+        ),
+        case(
+            "output directory missing",
+            &[&e, &src, &o, &nodir_out],
+            &[&D(&nodir), &"output directory does not exist"],
+        ),
+        case(
+            "output directory is a file",
+            &[&e, &src, &o, &file_out],
+            &[&D(&file), &"not a directory"],
+        ),
+        case(
+            "output is a directory",
+            &[&e, &src, &o, &out_dir, &"--force"],
+            &[&D(&out_dir), &"is a directory"],
+        ),
+        case(
+            "invalid --uuid",
+            &[&e, &src, &o, &out, &"-U", &"not-a-uuid"],
+            &[&"--uuid", &"not-a-uuid"],
+        ),
+        case(
+            "invalid --uuid digit",
+            &[
+                &e,
+                &src,
+                &o,
+                &out,
+                &"--uuid",
+                &"0123456g-89ab-cdef-0123-456789abcdef",
+            ],
+            &[&"--uuid", &"0123456g"],
+        ),
+        case(
+            "invalid --owner",
+            &[&e, &src, &o, &out, &"--owner", &"root:root"],
+            &[&"--owner", &"root:root"],
+        ),
+        case(
+            "incomplete --owner",
+            &[&e, &src, &o, &out, &"--owner", &"1:"],
+            &[&"--owner", &"'1:'"],
+        ),
+        case(
+            "invalid --size unit",
+            &[&e, &src, &o, &out, &"--size", &"12Q"],
+            &[&"--size", &"12Q"],
+        ),
+        case(
+            "empty --size",
+            &[&e, &src, &o, &out, &"--size", &""],
+            &[&"--size"],
+        ),
+        case(
+            "overflowing --size",
+            &[&e, &src, &o, &out, &"--size", &"99999999T"],
+            &[&"--size", &"too large"],
+        ),
+        case(
+            "--size too small",
+            &[&e, &src, &o, &out, &"--size", &"1M"],
+            &[&"--size", &"too small"],
+        ),
+        case(
+            "invalid --extra-space",
+            &[&e, &src, &o, &out, &"--extra-space", &"5X"],
+            &[&"--extra-space", &"5X"],
+        ),
+        case(
+            "invalid --timestamp",
+            &[&e, &src, &o, &out, &"--timestamp", &"yesterday"],
+            &[&"--timestamp", &"yesterday"],
+        ),
+        case(
+            "label over 255 bytes",
+            &[&e, &src, &o, &out, &"-L", &long_label],
+            &[&"--label", &"256 bytes"],
+        ),
+        case(
+            "invalid --nodesize",
+            &[&e, &src, &o, &out, &"--nodesize", &"1000"],
+            &[&"1000", &"power of two"],
+        ),
+        case(
+            "invalid --zstd level",
+            &[&e, &src, &o, &out, &"--zstd=99"],
+            &[&"--zstd", &"99"],
+        ),
+        case(
+            "closure-info directory missing",
+            &[&e, &o, &out, &"--closure-info", &unexpected_ci],
+            &[&D(&unexpected_ci), &"does not exist"],
+        ),
+        case(
+            "closure-info without store-paths",
+            &[&e, &o, &out, &"--closure-info", &ci_empty],
+            &[
+                &D(&ci_store_paths),
+                &"missing from the closure-info directory",
+            ],
+        ),
+        case(
+            "closure-info without registration",
+            &[&e, &o, &out, &"--closure-info", &ci_noreg],
+            &[
+                &D(&ci_registration),
+                &"missing from the closure-info directory",
+            ],
+        ),
+        case(
+            "store path missing",
+            &[&e, &o, &out, &"--store-paths", &missing_paths],
+            &[&"/nix/store/abc-missing", &"does not exist"],
+        ),
+        case(
+            "store path missing under --store-root",
+            &[
+                &e,
+                &o,
+                &out,
+                &"--store-paths",
+                &missing_paths,
+                &"--store-root",
+                &chroot,
+            ],
+            &[
+                &"/nix/store/abc-missing",
+                &D(&chroot_missing),
+                &"does not exist",
+            ],
+        ),
+        case(
+            "store path outside the store directory",
+            &[&e, &o, &out, &"--store-paths", &outside_paths],
+            &[&D(&elsewhere), &"not a store path"],
+        ),
+        case(
+            "registration file missing",
+            &[&e, &src, &o, &out, &"--registration", &nosuch],
+            &[&D(&nosuch), &"does not exist"],
+        ),
+        case(
+            "overlay conflict",
+            &[&e, &src, &o, &out, &"--files", &ov],
+            &[
+                &"/a",
+                &"provided by both",
+                &D(&src.join("a")),
+                &D(&ov.join("a")),
+            ],
+        ),
+        case(
+            "overlay is a file",
+            &[&e, &src, &o, &out, &"--files", &file],
+            &[&D(&file), &"not a directory"],
+        ),
+        case(
+            "nothing to put in the image",
+            &[&e, &o, &out],
+            &[&"nothing to put in the image"],
+        ),
+        case(
+            "unreadable file",
+            &[&e, &unread_file, &o, &out],
+            &[&D(&unread_file.join("secret")), &"Permission denied"],
+        ),
+        case(
+            "unreadable inline file",
+            &[&e, &unread_inline, &o, &out],
+            &[&D(&unread_inline.join("tiny")), &"Permission denied"],
+        ),
+        case(
+            "unreadable directory",
+            &[&e, &unread_dir, &o, &out],
+            &[&D(&unread_dir.join("d")), &"Permission denied"],
+        ),
+        case(
+            "unreadable file to stdout",
+            &[&e, &unread_file, &o, &"-"],
+            &[&D(&unread_file.join("secret")), &"Permission denied"],
+        ),
+        case(
+            "mountpoint missing",
+            &[&"mount", &src, &nosuch],
+            &[&D(&nosuch), &"No such file or directory"],
+        ),
+        case(
+            "mountpoint is a file",
+            &[&"mount", &src, &file],
+            &[&D(&file), &"not a directory"],
+        ),
+        case(
+            "mountpoint not empty",
+            &[&"mount", &src, &mnt_full],
+            &[&D(&mnt_full), &"not empty"],
+        ),
+        case(
+            "mount of a missing ROOT",
+            &[&"mount", &nosuch, &mnt_empty],
+            &[&D(&nosuch), &"No such file"],
+        ),
+        case(
+            "auto_unmount without allow_other",
+            &[&"mount", &src, &mnt_empty, &"-o", &"auto_unmount"],
+            &[&"auto_unmount", &"allow_other"],
+        ),
+    ];
+    let mut env_case = case(
+        "invalid SOURCE_DATE_EPOCH",
+        &[&e, &src, &o, &out],
+        &[&"SOURCE_DATE_EPOCH", &"'x'"],
+    );
+    env_case.env.push(("SOURCE_DATE_EPOCH", "x"));
+    cases.push(env_case);
+    for c in cases
+        .iter_mut()
+        .filter(|c| c.name.starts_with("unreadable"))
+    {
+        c.unprivileged = true;
+    }
+
+    let mut failed = Vec::new();
+    for c in &cases {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_case(c, &out_dir, &nodir, &mnt_empty)
+        }));
+        if r.is_err() {
+            failed.push(c.name);
+        }
+    }
+    chmod(&unread_dir.join("d"), 0o755);
+    assert!(failed.is_empty(), "failed cases: {failed:?}");
+}
+
+fn check_case(c: &Case, out_dir: &Path, nodir: &Path, mnt_empty: &Path) {
+    {
+        let mut cmd = if c.unprivileged && is_root() {
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(btrfsimg_bin());
+            cmd
+        } else {
+            Command::new(btrfsimg_bin())
+        };
+        cmd.args(&c.args)
+            .env_remove("SOURCE_DATE_EPOCH")
+            .env_remove("RUST_LOG");
+        for (k, v) in &c.env {
+            cmd.env(k, v);
+        }
+        let o = run(&mut cmd);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}: exit status {} (stderr: {stderr})",
+            c.name,
+            o.status
+        );
+        let fragments: Vec<&str> = c.expect.iter().map(String::as_str).collect();
+        assert_error_line(&stderr, &fragments, c.name);
+        assert!(o.stdout.is_empty(), "{}: wrote to stdout", c.name);
+        assert!(
+            names(out_dir).is_empty(),
+            "{}: left {:?}",
+            c.name,
+            names(out_dir)
+        );
+        assert!(!nodir.exists(), "{}: created the output directory", c.name);
+        assert_eq!(names(mnt_empty), Vec::<String>::new());
+    }
+}
+
+/// An existing output is refused (and left alone) without --force, and
+/// replaced by a whole image with it; nothing else appears next to it.
+#[test]
+fn existing_output_needs_force() {
+    let work = workdir("exists");
+    let src = work.path().join("src");
+    let mut t = TreeBuilder::new(&src);
+    t.random_file(b"f", 300 * KIB, 7).finalize();
+    let dir = work.path().join("out");
+    fs::create_dir(&dir).unwrap();
+    let out = dir.join("fs.img");
+    fs::write(&out, b"precious").unwrap();
+    for args in [&[][..], &["--zstd"][..]] {
+        let r = try_export(&src, &out, args);
+        assert!(!r.success, "overwrote without --force: {}", r.command);
+        assert_error_line(
+            &r.stderr,
+            &[&out.display().to_string(), "already exists", "--force"],
+            "existing output",
+        );
+        assert_eq!(fs::read(&out).unwrap(), b"precious");
+        assert_eq!(names(&dir), vec!["/fs.img".to_string()]);
+    }
+    let mut args = fixed_args("0b0d0a0e-0007-4000-8000-000000000001");
+    args.push("--force");
+    export(&src, &out, &args);
+    assert_eq!(names(&dir), vec!["/fs.img".to_string()]);
+    let img = fs::read(&out).unwrap();
+    assert_eq!(&img[0x10040..0x10048], b"_BHRfS_M");
+    // Without --force again: refused, the image stays.
+    let r = try_export(&src, &out, &[]);
+    assert!(!r.success);
+    assert_eq!(fs::read(&out).unwrap(), img);
+}
+
+/// An output that someone else creates while the export runs (after the
+/// early check) is not replaced without --force: the export fails, naming
+/// it, the other file stays, and the temporary file is removed.
+#[test]
+fn output_created_during_export_is_not_replaced() {
+    let work = big_workdir("race");
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    allocated_file(&src.join("big"), 512 * MIB);
+    let out_dir = work.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("fs.img");
+    let mut child = Command::new(btrfsimg_bin())
+        .arg("export")
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = read_all(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while names(&out_dir).is_empty() {
+        assert!(child.try_wait().unwrap().is_none(), "export ended too soon");
+        assert!(Instant::now() < deadline, "no temporary file appeared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    fs::write(&out, b"someone else's").unwrap();
+    let st = wait_timeout(&mut child, Duration::from_secs(120));
+    let stderr = stderr.join().unwrap();
+    assert_eq!(st.code(), Some(1), "{st:?}: {stderr}");
+    assert_error_line(
+        &stderr,
+        &[&out.display().to_string(), "already exists"],
+        "race",
+    );
+    assert_eq!(fs::read(&out).unwrap(), b"someone else's");
+    assert_eq!(names(&out_dir), vec!["/fs.img".to_string()]);
+}
+
+// ---------------------------------------------------------------------------
+// Sources that change after planning
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    /// Bytes appended.
+    Append,
+    /// Truncated to half.
+    Truncate,
+    /// Same size, other bytes, new mtime.
+    Rewrite,
+    /// Same size and mtime, other bytes (only ctime tells).
+    RewriteKeepMtime,
+    /// Only the mtime (touch -d).
+    Touch,
+    /// Only the ctime (chmod).
+    Chmod,
+    /// Replaced by a new file (rename over it) with the same size and mtime.
+    Replace,
+    /// Deleted.
+    Delete,
+}
+
+const CHANGES: [Change; 8] = [
+    Change::Append,
+    Change::Truncate,
+    Change::Rewrite,
+    Change::RewriteKeepMtime,
+    Change::Touch,
+    Change::Chmod,
+    Change::Replace,
+    Change::Delete,
+];
+
+fn mtime_of(p: &Path) -> (i64, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(p).unwrap();
+    (m.mtime(), m.mtime_nsec() as u32)
+}
+
+fn apply(change: Change, p: &Path) {
+    // ctime and mtime have a coarse clock: let it tick past planning.
+    std::thread::sleep(Duration::from_millis(30));
+    let len = fs::metadata(p).unwrap().len();
+    let (sec, nsec) = mtime_of(p);
+    match change {
+        Change::Append => {
+            let f = OpenOptions::new().append(true).open(p).unwrap();
+            f.write_all_at(b"more", len).unwrap();
+        }
+        Change::Truncate => OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap(),
+        Change::Rewrite | Change::RewriteKeepMtime => {
+            let f = OpenOptions::new().write(true).open(p).unwrap();
+            f.write_all_at(&random_bytes(len as usize, 0xbad), 0)
+                .unwrap();
+            drop(f);
+            if matches!(change, Change::RewriteKeepMtime) {
+                set_times(p, sec, nsec).unwrap();
+            }
+        }
+        Change::Touch => set_times(p, sec - 1000, nsec).unwrap(),
+        Change::Chmod => chmod(p, 0o600),
+        Change::Replace => {
+            let tmp = p.with_extension("new");
+            fs::write(&tmp, random_bytes(len as usize, 0xbad)).unwrap();
+            set_times(&tmp, sec, nsec).unwrap();
+            fs::rename(&tmp, p).unwrap();
+        }
+        Change::Delete => fs::remove_file(p).unwrap(),
+    }
+}
+
+fn reason(change: Change) -> &'static str {
+    match change {
+        Change::Delete => "No such file or directory",
+        _ => "changed after planning",
+    }
+}
+
+/// A tree with a file in data extents, an inline file and bystanders.
+fn changing_tree(root: &Path) {
+    let mut t = TreeBuilder::new(root);
+    t.random_file(b"dir/victim", 300 * KIB + 5, 1)
+        .random_file(b"dir/tiny", 1000, 2)
+        .random_file(b"other", 200 * KIB, 3)
+        .random_file(b"small", 100, 4)
+        .finalize();
+}
+
+fn opts() -> Options {
+    Options {
+        fsid: Some([7; 16]),
+        timestamp: 1_700_000_000,
+        ..Options::default()
+    }
+}
+
+/// Export (the library's write_file, as the CLI does it) of a plan whose
+/// source changed afterwards fails naming the file and leaves no file.
+#[test]
+fn export_of_a_changed_source_fails_naming_it() {
+    for victim in ["dir/victim", "dir/tiny"] {
+        for change in CHANGES {
+            let what = format!("{change:?} of {victim}");
+            let work = workdir("changed-export");
+            let src = work.path().join("src");
+            changing_tree(&src);
+            let plan = plan_dir(&src, &opts()).unwrap();
+            let path = src.join(victim);
+            apply(change, &path);
+            let out_dir = work.path().join("out");
+            fs::create_dir(&out_dir).unwrap();
+            let img = Image::new(plan);
+            let err = export::write_file(&img, &out_dir.join("x.img"), false, &Default::default())
+                .expect_err(&what)
+                .to_string();
+            assert!(
+                err.contains(&path.display().to_string()) && err.contains(reason(change)),
+                "{what}: error does not name the file and the reason: {err}"
+            );
+            assert!(!err.contains('\n'), "{what}: multi-line error: {err}");
+            assert!(
+                names(&out_dir).is_empty(),
+                "{what}: left {:?}",
+                names(&out_dir)
+            );
+
+            // The stream export fails the same way.
+            let mut sink = Vec::new();
+            let err = export::write_stream(&img, &mut sink, &Default::default())
+                .expect_err(&what)
+                .to_string();
+            assert!(err.contains(&path.display().to_string()), "{what}: {err}");
+        }
+    }
+}
+
+/// `read_at` of the changed file's data fails naming it, even when the file
+/// was already open (served once before it changed); the superblock, the
+/// system chunk and other files' data still read, and equal a clean export.
+#[test]
+fn read_at_of_a_changed_source_fails_only_for_its_data() {
+    for change in CHANGES {
+        let what = format!("{change:?}");
+        let work = workdir("changed-read");
+        let src = work.path().join("src");
+        changing_tree(&src);
+        let clean = {
+            let img = Image::new(plan_dir(&src, &opts()).unwrap());
+            let mut v = Vec::new();
+            export::write_stream(&img, &mut v, &Default::default()).unwrap();
+            v
+        };
+        let plan = plan_dir(&src, &opts()).unwrap();
+        let victim = file_data_ranges(&plan, "/dir/victim");
+        let other = file_data_ranges(&plan, "/other");
+        let system = plan
+            .regions
+            .iter()
+            .find(|r| {
+                r.kind
+                    == RegionKind::Metadata {
+                        logical: SYSTEM_START,
+                    }
+            })
+            .map(|r| (r.start, r.len))
+            .expect("system chunk region");
+        let img = Image::new(plan);
+        let read = |(off, len): (u64, u64)| {
+            let mut buf = vec![0u8; len as usize];
+            img.read_at(off, &mut buf).map(|n| {
+                assert_eq!(n, len as usize);
+                buf
+            })
+        };
+        let expect = |(off, len): (u64, u64)| clean[off as usize..(off + len) as usize].to_vec();
+
+        // Served once before the change: the file is now open and cached.
+        assert_eq!(read(victim[0]).unwrap(), expect(victim[0]), "{what}");
+        apply(change, &src.join("dir/victim"));
+        for &r in &victim {
+            let msg = match read(r) {
+                Ok(_) => panic!("{what}: changed data at {r:?} was served"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                msg.contains(&src.join("dir/victim").display().to_string()),
+                "{what}: {msg}"
+            );
+        }
+        for r in [(0, 128 * KIB), system, other[0]] {
+            assert_eq!(read(r).unwrap(), expect(r), "{what}: range {r:?}");
+        }
+        // Still refused on a second attempt (nothing was cached as good).
+        assert!(read(victim[0]).is_err(), "{what}: served on retry");
+    }
+}
+
+/// The plan is a snapshot: entries added to or removed from a directory after
+/// planning do not matter, only the planned files' data is read again.
+#[test]
+fn directory_changes_after_planning_do_not_matter() {
+    let work = workdir("dir-change");
+    let src = work.path().join("src");
+    changing_tree(&src);
+    let before = {
+        let img = Image::new(plan_dir(&src, &opts()).unwrap());
+        let mut v = Vec::new();
+        export::write_stream(&img, &mut v, &Default::default()).unwrap();
+        v
+    };
+    let plan = plan_dir(&src, &opts()).unwrap();
+    fs::write(src.join("dir/new"), b"new").unwrap();
+    fs::create_dir(src.join("newdir")).unwrap();
+    let img = Image::new(plan);
+    let mut after = Vec::new();
+    export::write_stream(&img, &mut after, &Default::default()).unwrap();
+    assert!(after == before, "export after adding entries differs");
+}
+
+// ---------------------------------------------------------------------------
+// Signals and closed pipes
+// ---------------------------------------------------------------------------
+
+fn wait_timeout(child: &mut std::process::Child, t: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("btrfsimg did not exit within {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn read_all(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = r.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+/// SIGINT, SIGTERM or SIGHUP while the image is being written: the export stops,
+/// removes its temporary file, prints one line and exits with 128 + the signal.
+#[test]
+fn signals_during_export_remove_the_temporary_file() {
+    let work = big_workdir("signals");
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    allocated_file(&src.join("big"), 2 * GIB);
+    fs::write(src.join("small"), b"small").unwrap();
+    let out_dir = work.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("fs.img");
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let mut child = Command::new(btrfsimg_bin())
+            .arg("export")
+            .arg(&src)
+            .arg("-o")
+            .arg(&out)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = read_all(child.stderr.take().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while names(&out_dir).is_empty() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "export ended before its temporary file was seen"
+            );
+            assert!(Instant::now() < deadline, "no temporary file appeared");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let tmp = names(&out_dir);
+        assert!(
+            tmp.len() == 1 && tmp[0].starts_with("/.fs.img.") && tmp[0].ends_with(".tmp"),
+            "temporary file named like the output: {tmp:?}"
+        );
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let st = wait_timeout(&mut child, Duration::from_secs(30));
+        let stderr = stderr.join().unwrap();
+        assert_eq!(
+            st.code(),
+            Some(128 + sig),
+            "signal {sig}: {st:?}, stderr: {stderr}"
+        );
+        assert_error_line(
+            &stderr,
+            &[&out.display().to_string(), "interrupted"],
+            "signal",
+        );
+        assert!(
+            names(&out_dir).is_empty(),
+            "signal {sig} left {:?}",
+            names(&out_dir)
+        );
+    }
+
+    // To stdout: the stream stops, same status.
+    let mut child = Command::new(btrfsimg_bin())
+        .arg("export")
+        .arg(&src)
+        .args(["-o", "-"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = read_all(child.stderr.take().unwrap());
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    stdout.read_exact(&mut buf).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let drain = read_all(stdout);
+    let st = wait_timeout(&mut child, Duration::from_secs(30));
+    drain.join().unwrap();
+    let stderr = stderr.join().unwrap();
+    assert_eq!(st.code(), Some(130), "{st:?}: {stderr}");
+    assert_error_line(&stderr, &["interrupted"], "SIGINT to stdout");
+}
+
+/// A signal while the inputs are still being read (here: a store-paths FIFO
+/// nobody writes) ends the process at once with 128 + the signal; nothing is
+/// written.
+#[test]
+fn signal_while_reading_inputs_ends_at_once() {
+    let work = workdir("signal-inputs");
+    let fifo = work.path().join("store-paths");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let out_dir = work.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = Command::new(btrfsimg_bin())
+            .arg("export")
+            .arg("--store-paths")
+            .arg(&fifo)
+            .arg("-o")
+            .arg(out_dir.join("fs.img"))
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until it blocks opening the FIFO (the kernel's wait_for_partner).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(format!("/proc/{}/wchan", child.id()))
+            .unwrap_or_default()
+            .contains("partner")
+        {
+            assert!(Instant::now() < deadline, "never blocked on the FIFO");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let st = wait_timeout(&mut child, Duration::from_secs(10));
+        assert_eq!(
+            st.code(),
+            Some(128 + sig),
+            "signal {sig}: {st:?} (signal {:?})",
+            st.signal()
+        );
+        assert!(names(&out_dir).is_empty());
+    }
+}
+
+/// `export -o - | head`: the reader going away ends the export quietly with
+/// 141 (128 + SIGPIPE), as a process killed by SIGPIPE would; plain and zstd.
+#[test]
+fn closed_stdout_pipe_ends_quietly() {
+    let work = workdir("pipe");
+    let src = work.path().join("src");
+    let mut t = TreeBuilder::new(&src);
+    t.random_file(b"big", 40 * MIB, 1).finalize();
+    for extra in [&[][..], &["--zstd=1"][..]] {
+        let mut child = Command::new(btrfsimg_bin())
+            .arg("export")
+            .arg(&src)
+            .args(["-o", "-"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = read_all(child.stderr.take().unwrap());
+        let mut stdout = child.stdout.take().unwrap();
+        let mut buf = [0u8; 1000];
+        stdout.read_exact(&mut buf).unwrap();
+        drop(stdout);
+        let st = wait_timeout(&mut child, Duration::from_secs(60));
+        let stderr = stderr.join().unwrap();
+        assert_eq!(st.code(), Some(141), "{extra:?}: {st:?}, stderr: {stderr}");
+        assert_eq!(
+            stderr, "",
+            "{extra:?}: a closed pipe is not an error to report"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Resource limits
+// ---------------------------------------------------------------------------
+
+/// 1,000 files of data under an open-file limit of 64: the export succeeds
+/// and equals an unlimited one byte for byte (the fd cache shrinks to fit).
+#[test]
+fn more_files_than_the_open_file_limit() {
+    let work = workdir("nofile");
+    let src = work.path().join("src");
+    let mut t = TreeBuilder::new(&src);
+    for i in 0..1000u64 {
+        t.random_file(format!("d{}/f{i:04}", i % 7).as_bytes(), 2049 + i * 17, i);
+    }
+    t.finalize();
+    let args = fixed_args("0b0d0a0e-0007-4000-8000-000000000002");
+    let free = work.path().join("free.img");
+    export(&src, &free, &args);
+    for extra in [&[][..], &["--zstd=1", "--threads", "2"][..]] {
+        let limited = work.path().join("limited.img");
+        let _ = fs::remove_file(&limited);
+        let mut cmd = Command::new(btrfsimg_bin());
+        cmd.arg("export")
+            .arg(&src)
+            .arg("-o")
+            .arg(&limited)
+            .args(&args)
+            .args(extra);
+        limit_open_files(&mut cmd, 64);
+        run_ok(&mut cmd);
+        if extra.is_empty() {
+            assert_files_identical(&free, &limited);
+        } else {
+            let raw = zstd::stream::decode_all(File::open(&limited).unwrap()).unwrap();
+            assert!(raw == fs::read(&free).unwrap(), "zstd export differs");
+        }
+    }
+}
+
+/// Streaming a 2 GiB image takes no more memory than a 256 MiB one, up to
+/// the checksums (4 bytes per 4 KiB sector, held once in the checksum table
+/// and once in the cached csum leaves); both stay under 100 MiB, the bound the
+/// caches allow (40 MiB of encoded blocks, two 4 MiB buffers, code and plan).
+/// The peak is VmHWM, sampled while btrfsimg is blocked writing the image's
+/// last bytes (every byte has been produced by then); wait4's ru_maxrss would
+/// include this test process's memory, which the child inherits at fork.
+#[test]
+fn memory_stays_bounded_while_streaming() {
+    let work = big_workdir("memory");
+    let mut peaks = Vec::new();
+    for (name, size) in [("small", 256 * MIB), ("large", 2 * GIB)] {
+        let src = work.path().join(name);
+        fs::create_dir(&src).unwrap();
+        allocated_file(&src.join("data"), size);
+        for i in 0..2000u64 {
+            fs::write(src.join(format!("f{i:04}")), random_bytes(3000, i)).unwrap();
+        }
+        let total = plan_dir(&src, &Options::default()).unwrap().total_bytes;
+        let mut child = Command::new(btrfsimg_bin())
+            .arg("export")
+            .arg(&src)
+            .args(["-o", "-"])
+            .env_remove("SOURCE_DATE_EPOCH")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let status = format!("/proc/{}/status", child.id());
+        let hwm = || -> Option<u64> {
+            fs::read_to_string(&status)
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|k| k * KIB)
+        };
+        // btrfsimg cannot run more than a pipe buffer ahead of this reader:
+        // sampling after every read sees the peak up to the last few chunks.
+        let mut stdout = child.stdout.take().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut got, mut peak) = (0u64, 0u64);
+        loop {
+            let n = stdout.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+            peak = peak.max(hwm().unwrap_or(0));
+        }
+        assert_eq!(got, total, "{name}: image size");
+        assert!(child.wait().unwrap().success(), "{name}");
+        eprintln!("{name} ({size} bytes of data): peak RSS {} KiB", peak / KIB);
+        peaks.push((size, peak));
+    }
+    let ((s0, p0), (s1, p1)) = (peaks[0], peaks[1]);
+    assert!(
+        p1 < 100 * MIB,
+        "peak RSS {p1} bytes streaming a 2 GiB image"
+    );
+    let allowed = 2 * (s1 - s0) / 1024 + 8 * MIB;
+    assert!(
+        p1 <= p0 + allowed,
+        "peak RSS grew from {p0} to {p1} bytes for {} more bytes of data",
+        s1 - s0
+    );
+}
