@@ -298,6 +298,16 @@ fn bench_tree(t: &Tree, work: &Path, rounds: usize) {
         mib((data + 2 * meta) as f64 + 1048576.0),
         img as f64 / ((data + 2 * meta) as f64 + 1048576.0)
     );
+    let lean = Command::new(BIN)
+        .args(["plan", "--bytes", "--no-rw-slack"])
+        .arg(&t.path)
+        .output()
+        .expect("plan");
+    let lean: f64 = String::from_utf8_lossy(&lean.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0.0);
+    println!("| same, `--no-rw-slack` (no first-boot reserve) | {:.1} MiB | {:.1} MiB | {:.3} | ≤ 1.02 |", mib(lean), mib((data + 2 * meta) as f64 + 1048576.0), lean / ((data + 2 * meta) as f64 + 1048576.0));
     println!("| image size / mkfs.btrfs --shrink image size | {:.1} MiB | {:.1} MiB (allocated {:.1}) | {:.3} | |", mib(img as f64), mib(mk_size as f64), mib(mk_alloc as f64), img as f64 / mk_size as f64);
     println!("| export --zstd throughput / `zstd -3 -T1` of the tar | {:.0} MB/s | {:.0} MB/s | {:.2} | ≥ 1.6 |", img as f64 / m("zstd") / 1e6, tar_size / m("zstd-T1") / 1e6, (img as f64 / m("zstd")) / (tar_size / m("zstd-T1")));
 }

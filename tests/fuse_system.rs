@@ -5,10 +5,8 @@
 mod common;
 
 use common::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
@@ -125,47 +123,17 @@ fn fuse_concurrent_random_and_direct_reads() {
     let exported = work.path().join("export.img");
     export(&src, &exported, &args);
     let want = Arc::new(fs::read(&exported).unwrap());
-
-    // A fresh mount: nothing is cached, csum leaves may be read before their data.
-    let m = FuseMount::start(&src, &work.path().join("mnt"), &args);
-    let img = m.img();
-    let threads: Vec<_> = (0..8u64)
-        .map(|t| {
-            let want = want.clone();
-            let img = img.clone();
-            std::thread::spawn(move || {
-                let mut rng = ChaCha8Rng::seed_from_u64(1000 + t);
-                let direct = t % 2 == 1;
-                let mut opts = OpenOptions::new();
-                opts.read(true);
-                if direct {
-                    opts.custom_flags(libc::O_DIRECT);
-                }
-                let f = opts.open(&img).unwrap();
-                let size = want.len() as u64;
-                let mut buf = vec![0u8; 4 << 20];
-                for i in 0..150 {
-                    let len = match i % 3 {
-                        0 => rng.random_range(1..=4096),
-                        1 => rng.random_range(1..=256 << 10),
-                        _ => rng.random_range(1..=4 << 20),
-                    };
-                    let off = rng.random_range(0..size);
-                    let n = f.read_at(&mut buf[..len], off).unwrap();
-                    let expect = (size - off).min(len as u64) as usize;
-                    assert!(n > 0 || expect == 0);
-                    assert!(
-                        buf[..n] == want[off as usize..off as usize + n],
-                        "thread {t} (direct={direct}) read {len} at {off}: bytes differ"
-                    );
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("reader thread failed");
-    }
-    assert!(m.stop(libc::SIGINT).success());
+    // One fresh mount (nothing cached, csum leaves may be read before their
+    // data), 8 readers, half with O_DIRECT, every byte compared.
+    let r = fuse_soak(
+        &src,
+        &work.path().join("mnt"),
+        &args,
+        want,
+        Duration::from_secs(3),
+        Duration::from_secs(3),
+    );
+    assert!(r.reads >= 8 * 50, "too few reads: {}", r.reads);
 }
 
 #[test]
