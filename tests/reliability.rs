@@ -1044,3 +1044,54 @@ fn memory_stays_bounded_while_streaming() {
         s1 - s0
     );
 }
+
+/// ROOT, overlays and the output given as relative paths (the README's
+/// `btrfsimg export ROOTDIR -o fs.img` run from the parent directory) give the
+/// same image as absolute paths; so does "." as ROOT.
+#[test]
+fn relative_paths_work() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    fs::create_dir_all(dir.join("root/sub")).unwrap();
+    fs::write(dir.join("root/sub/f"), b"relative").unwrap();
+    fs::create_dir_all(dir.join("extra/etc")).unwrap();
+    fs::write(dir.join("extra/etc/motd"), b"hi").unwrap();
+    let args = [
+        "-U",
+        "0b0d0a0e-0007-4000-8000-000000000099",
+        "--timestamp",
+        "5",
+    ];
+    let run = |cwd: &Path, root: &str, files: &str, out: &str| {
+        let o = Command::new(btrfsimg_bin())
+            .current_dir(cwd)
+            .args(["export", "-q", root, "--files", files, "-o", out])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "export {root} from {}: {}",
+            cwd.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let abs = dir.join("abs.img");
+    run(
+        Path::new("/"),
+        dir.join("root").to_str().unwrap(),
+        dir.join("extra").to_str().unwrap(),
+        abs.to_str().unwrap(),
+    );
+    run(dir, "root", "extra", "rel.img");
+    run(&dir.join("root"), ".", "../extra", "../dot.img");
+    let a = fs::read(&abs).unwrap();
+    assert!(
+        a == fs::read(dir.join("rel.img")).unwrap(),
+        "relative ROOT differs"
+    );
+    assert!(
+        a == fs::read(dir.join("dot.img")).unwrap(),
+        "ROOT '.' differs"
+    );
+}

@@ -296,7 +296,12 @@ fn read_entry(path: &Path, name: &[u8], origin: Origin, xattrs: bool) -> Result<
         e.target = t.into_os_string().into_encoded_bytes();
     }
     if xattrs {
-        let parent = path.parent().unwrap_or(Path::new("/"));
+        // A relative path's parent may be empty ("root" → ""): that is ".".
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            Some(_) => Path::new("."),
+            None => Path::new("/"),
+        };
         let d = Dir::open(parent).map_err(|e| Error::io(parent, e))?;
         let base = path
             .file_name()
