@@ -30,7 +30,7 @@ use std::sync::Arc;
 /// Encoded tree blocks kept in memory (bytes): more than one metadata chunk
 /// (`plan::space::METADATA_CHUNK_MAX`), so a sequential reader of a DUP image
 /// finds every block's second copy still cached.
-const BLOCK_CACHE_BYTES: usize = 40 << 20;
+pub const BLOCK_CACHE_BYTES: usize = 40 << 20;
 /// Source files kept open at most (fewer under a low open-file limit).
 const OPEN_FILES: usize = 128;
 
@@ -69,11 +69,18 @@ fn changed(path: &std::path::Path, what: &str) -> io::Error {
 
 impl Image {
     pub fn new(plan: Plan) -> Image {
+        Image::with_block_cache(plan, BLOCK_CACHE_BYTES)
+    }
+
+    /// Like `new`, keeping up to `cache_bytes` of encoded tree blocks. Readers
+    /// that come back to the same blocks (O_DIRECT readers such as QEMU with
+    /// `cache=none`) are served from it instead of re-encoding them.
+    pub fn with_block_cache(plan: Plan, cache_bytes: usize) -> Image {
         let supers = SUPER_OFFSETS
             .iter()
             .map(|&o| plan.superblock.encode(o))
             .collect();
-        let cap = (BLOCK_CACHE_BYTES / plan.nodesize as usize).max(16);
+        let cap = (cache_bytes.max(BLOCK_CACHE_BYTES) / plan.nodesize as usize).max(16);
         let sectors = plan.data_sectors as usize;
         Image {
             supers,

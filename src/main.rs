@@ -67,6 +67,10 @@ enum Cmd {
         /// Worker threads answering reads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Memory for encoded tree blocks, so readers that come back to the same
+        /// metadata (O_DIRECT, QEMU cache=none) do not make it re-encoded.
+        #[arg(long, value_name = "SIZE", default_value = "256M")]
+        cache_size: String,
         /// Let every user read fs.img (non-root users need `user_allow_other` in /etc/fuse.conf).
         #[arg(long, conflicts_with = "allow_root")]
         allow_other: bool,
@@ -410,7 +414,9 @@ fn run(cli: Cli) -> Result<(), Error> {
             allow_other,
             allow_root,
             options: mount_opts,
+            cache_size,
         } => {
+            let cache = parse_size("--cache-size", &cache_size)?;
             let mountpoint = paths.pop().unwrap_or_default();
             let root = paths.pop();
             let opts = options(&image)?;
@@ -424,7 +430,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             )?;
             fuse::check_mountpoint(&mountpoint)?;
             let plan = btrfsimg::plan_sources(&srcs, &opts)?;
-            let img = std::sync::Arc::new(Image::new(plan));
+            let img = std::sync::Arc::new(Image::with_block_cache(plan, cache as usize));
             fuse::serve(img, &mountpoint, &mopts, |path| {
                 use std::io::Write;
                 let mut out = io::stdout().lock();
