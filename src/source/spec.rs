@@ -97,6 +97,12 @@ impl VirtualDir {
         if comps.is_empty() || comps.iter().any(|c| *c == b"." || *c == b"..") {
             return Err(Error::at(at, "not a usable absolute path in the image"));
         }
+        if comps.iter().any(|c| c.len() > 255) {
+            return Err(Error::at(
+                at,
+                "a name in this path is longer than 255 bytes",
+            ));
+        }
         let mut dir = self;
         for c in &comps[..comps.len() - 1] {
             let e = dir
@@ -166,5 +172,28 @@ impl Sources {
             root.graft(&c.registration_path, reg.clone())?;
         }
         Ok(root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grafts_reject_names_the_kernel_would_reject() {
+        let mut root = VirtualDir::default();
+        let long = format!("/nix/store/{}", "n".repeat(256));
+        let e = root
+            .graft(Path::new(&long), PathBuf::from("/x"))
+            .unwrap_err();
+        assert!(e.to_string().contains("255"), "{e}");
+        assert!(root
+            .graft(Path::new("/a/../b"), PathBuf::from("/x"))
+            .is_err());
+        let ok = format!("/nix/store/{}", "n".repeat(255));
+        root.graft(Path::new(&ok), PathBuf::from("/x")).unwrap();
+        // The same graft twice is fine; another host path for it is a conflict.
+        root.graft(Path::new(&ok), PathBuf::from("/x")).unwrap();
+        assert!(root.graft(Path::new(&ok), PathBuf::from("/y")).is_err());
     }
 }
