@@ -344,9 +344,11 @@ fn join_reader(
     done: mpsc::Receiver<()>,
     what: &str,
 ) -> (u64, Option<io::Error>) {
-    // The sender is dropped when the thread ends.
-    let _ = done.recv_timeout(Duration::from_secs(20));
-    assert!(h.is_finished(), "{what}: the reader hangs");
+    // The sender is dropped when the thread's closure ends: a disconnect means
+    // it ended (is_finished() may lag a moment behind), a timeout that it hangs.
+    if let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(Duration::from_secs(20)) {
+        panic!("{what}: the reader hangs");
+    }
     h.join().unwrap_or_else(|_| panic!("{what}: reader failed"))
 }
 
