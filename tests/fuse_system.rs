@@ -10,7 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bytes of data in the regular files below `root` (sparse files count their data only).
@@ -38,11 +37,8 @@ fn fuse_image_is_the_export_and_a_valid_filesystem() {
         return;
     }
     let work = workdir("fuse-valid");
-    let src = work.path().join("src");
-    fuse_test_tree(&src);
     let args = fixed_args("0b0d0a0e-0004-4000-8000-000000000001");
-    let exported = work.path().join("export.img");
-    export(&src, &exported, &args);
+    let FuseFixture { src, exported, .. } = fuse_fixture(work.path(), &args);
 
     let m = FuseMount::start(&src, &work.path().join("mnt"), &args);
     // A sequential reader makes the server read each source byte once.
@@ -117,12 +113,8 @@ fn fuse_concurrent_random_and_direct_reads() {
         return;
     }
     let work = workdir("fuse-random");
-    let src = work.path().join("src");
-    fuse_test_tree(&src);
     let args = fixed_args("0b0d0a0e-0004-4000-8000-000000000002");
-    let exported = work.path().join("export.img");
-    export(&src, &exported, &args);
-    let want = Arc::new(fs::read(&exported).unwrap());
+    let FuseFixture { src, want, .. } = fuse_fixture(work.path(), &args);
     // One fresh mount (nothing cached, csum leaves may be read before their
     // data), 8 readers, half with O_DIRECT, every byte compared.
     let r = fuse_soak(

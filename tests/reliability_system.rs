@@ -263,12 +263,8 @@ fn fuse_soak_short() {
         return;
     }
     let work = workdir("fuse-soak");
-    let src = work.path().join("src");
-    fuse_test_tree(&src);
     let args = fixed_args("0b0d0a0e-0008-4000-8000-000000000002");
-    let exported = work.path().join("export.img");
-    export(&src, &exported, &args);
-    let want = Arc::new(fs::read(&exported).unwrap());
+    let FuseFixture { src, want, .. } = fuse_fixture(work.path(), &args);
     let r = fuse_soak(
         &src,
         &work.path().join("mnt"),
@@ -363,12 +359,8 @@ fn fuse_unmount_while_reading_ends_cleanly() {
         return;
     }
     let work = workdir("fuse-unmount");
-    let src = work.path().join("src");
-    fuse_test_tree(&src);
     let args = fixed_args("0b0d0a0e-0008-4000-8000-000000000003");
-    let exported = work.path().join("export.img");
-    export(&src, &exported, &args);
-    let want = Arc::new(fs::read(&exported).unwrap());
+    let FuseFixture { src, want, .. } = fuse_fixture(work.path(), &args);
     let mnt = work.path().join("mnt");
     let reads_after = |h: &JoinHandle<_>, what: &str| {
         std::thread::sleep(Duration::from_millis(700));
@@ -458,12 +450,8 @@ fn fuse_sigkill_leaves_a_mount_fusermount_removes() {
         return;
     }
     let work = workdir("fuse-sigkill");
-    let src = work.path().join("src");
-    fuse_test_tree(&src);
     let args = fixed_args("0b0d0a0e-0008-4000-8000-000000000004");
-    let exported = work.path().join("export.img");
-    export(&src, &exported, &args);
-    let want = Arc::new(fs::read(&exported).unwrap());
+    let FuseFixture { src, want, .. } = fuse_fixture(work.path(), &args);
     let mnt = work.path().join("mnt");
 
     let mut m = FuseMount::start(&src, &mnt, &args);

@@ -2324,6 +2324,27 @@ impl Drop for FuseMount {
     }
 }
 
+/// What FUSE tests start from: `fuse_test_tree` at WORK/src, exported with
+/// ARGS to WORK/export.img, and the exported bytes.
+pub struct FuseFixture {
+    pub src: PathBuf,
+    pub exported: PathBuf,
+    pub want: std::sync::Arc<Vec<u8>>,
+}
+
+pub fn fuse_fixture(work: &Path, args: &[&str]) -> FuseFixture {
+    let src = work.join("src");
+    fuse_test_tree(&src);
+    let exported = work.join("export.img");
+    export(&src, &exported, args);
+    let want = std::sync::Arc::new(fs::read(&exported).unwrap());
+    FuseFixture {
+        src,
+        exported,
+        want,
+    }
+}
+
 /// A tree for FUSE tests: files around the inline/sector boundaries, a 9 MiB
 /// file, 1,500 small files, a symlink and a sparse file.
 pub fn fuse_test_tree(root: &Path) {
