@@ -68,10 +68,6 @@ impl<'a> LeafWriter<'a> {
         self.data_end = start;
         &mut self.buf[start..start + size]
     }
-
-    pub fn nritems(&self) -> u32 {
-        self.nritems
-    }
 }
 
 /// Writes key pointer `i` of a node.
