@@ -72,7 +72,8 @@ fn cancelled(opts: &ExportOptions) -> bool {
 }
 
 /// Feeds the whole image, in order, to `sink(offset, bytes)`. With `skip_zero`,
-/// ranges the image knows to be zero are not produced (the sink sees a gap).
+/// ranges the image knows to be zero are not produced (the sink sees a gap,
+/// and the walk jumps over it however large it is).
 fn pump(
     image: &Image,
     opts: &ExportOptions,
@@ -89,11 +90,13 @@ fn pump(
             return Err(Stop::Interrupted);
         }
         let want = CHUNK.min((size - off) as usize);
-        if !(skip_zero && image.is_zero_range(off, want as u64)) {
+        if skip_zero && image.is_zero_range(off, want as u64) {
+            off = image.seek_data(off).unwrap_or(size);
+        } else {
             let n = image.read_at(off, &mut buf[..want]).map_err(Stop::Read)?;
             sink(off, &buf[..n]).map_err(Stop::Write)?;
+            off += want as u64;
         }
-        off += want as u64;
         pb.set_position(off);
     }
     pb.finish_and_clear();
@@ -106,6 +109,9 @@ fn write_sparse(
     file: &mut File,
     opts: &ExportOptions,
 ) -> std::result::Result<(), Stop> {
+    // The full size first: a filesystem that cannot hold a file this large
+    // (EFBIG) says so before anything is written.
+    file.set_len(image.size()).map_err(Stop::Write)?;
     pump(image, opts, true, |off, data| {
         for (i, piece) in data.chunks(HOLE_GRAIN).enumerate() {
             if piece.iter().all(|&b| b == 0) {
@@ -115,8 +121,7 @@ fn write_sparse(
             file.write_all(piece)?;
         }
         Ok(())
-    })?;
-    file.set_len(image.size()).map_err(Stop::Write)
+    })
 }
 
 fn stream(

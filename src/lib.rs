@@ -30,7 +30,9 @@ pub fn plan_dir(root: &Path, opts: &Options) -> Result<plan::Plan> {
 }
 
 /// Walks all sources (ROOT, a Nix closure, overlays) and plans their image.
+/// Options are checked before anything is walked.
 pub fn plan_sources(sources: &source::Sources, opts: &Options) -> Result<plan::Plan> {
+    plan::limits::validate_options(opts)?;
     let tree = source::walk(
         sources,
         &source::WalkOptions {
@@ -40,4 +42,10 @@ pub fn plan_sources(sources: &source::Sources, opts: &Options) -> Result<plan::P
         },
     )?;
     plan::build(tree, opts)
+}
+
+/// Plans the image of a tree described in memory (`source::generated`).
+pub fn plan_generated(root: &source::generated::Entry, opts: &Options) -> Result<plan::Plan> {
+    plan::limits::validate_options(opts)?;
+    plan::build(source::generated::build(root)?, opts)
 }

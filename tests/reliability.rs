@@ -7,7 +7,8 @@
 
 mod common;
 
-use btrfsimg::plan::space::{RegionKind, SYSTEM_START};
+use btrfsimg::format::BLOCK_GROUP_SYSTEM;
+use btrfsimg::plan::space::RegionKind;
 use btrfsimg::{export, plan_dir, Image, Options};
 use common::*;
 use std::ffi::OsString;
@@ -686,13 +687,19 @@ fn read_at_of_a_changed_source_fails_only_for_its_data() {
         let plan = plan_dir(&src, &opts()).unwrap();
         let victim = file_data_ranges(&plan, "/dir/victim");
         let other = file_data_ranges(&plan, "/other");
+        let system_start = plan
+            .chunks
+            .iter()
+            .find(|c| c.ty & BLOCK_GROUP_SYSTEM != 0)
+            .expect("a system chunk")
+            .logical;
         let system = plan
             .regions
             .iter()
             .find(|r| {
                 r.kind
                     == RegionKind::Metadata {
-                        logical: SYSTEM_START,
+                        logical: system_start,
                     }
             })
             .map(|r| (r.start, r.len))

@@ -3,19 +3,39 @@
 //! reads each source file once, front to back.
 
 use crate::format::SECTOR_SIZE;
-use crate::source::Segment;
+use crate::source::{Segment, Segments};
 
 /// Largest extent the kernel itself creates.
 pub const MAX_EXTENT: u64 = 128 << 20;
 
-/// One data extent: `len` bytes (a sector multiple) at `logical`, holding the
-/// source bytes of `node` from `file_offset` (zeros past the end of the file).
+/// One data extent: `len` bytes (a sector multiple, at most `MAX_EXTENT`) at
+/// `logical`, holding the source bytes of `node` from `file_offset` (zeros past
+/// the end of the file). 24 bytes: there is one per extent of every file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataExtent {
     pub logical: u64,
-    pub len: u64,
-    pub node: u32,
     pub file_offset: u64,
+    pub node: u32,
+    len: u32,
+}
+
+impl DataExtent {
+    pub fn new(logical: u64, len: u64, node: u32, file_offset: u64) -> DataExtent {
+        DataExtent {
+            logical,
+            file_offset,
+            node,
+            len: u32::try_from(len).expect("extents are at most MAX_EXTENT long"),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.len as u64
+    }
+
+    pub fn end(&self) -> u64 {
+        self.logical + self.len as u64
+    }
 }
 
 /// A contiguous logical range that must not hold data (a superblock mirror's stripe).
@@ -46,10 +66,9 @@ impl DataAllocator {
         }
     }
 
-    /// Places one file; returns (first extent index, extent count).
-    pub fn place(&mut self, node: u32, segments: &[Segment]) -> (u32, u32) {
-        let first = self.extents.len() as u32;
-        for seg in aligned(segments) {
+    /// Places one file's data segments.
+    pub fn place(&mut self, node: u32, segments: Segments<'_>) {
+        for seg in aligned(segments.iter()) {
             let mut off = seg.offset;
             let end = seg.offset + seg.len;
             while off < end {
@@ -74,22 +93,16 @@ impl DataAllocator {
                     .min(MAX_EXTENT)
                     .min(chunk_end - self.pos)
                     .min(next_excl - self.pos);
-                self.extents.push(DataExtent {
-                    logical: self.pos,
-                    len,
-                    node,
-                    file_offset: off,
-                });
+                self.extents.push(DataExtent::new(self.pos, len, node, off));
                 self.pos += len;
                 off += len;
             }
         }
-        (first, self.extents.len() as u32 - first)
     }
 }
 
 /// Rounds segments out to whole sectors and merges the ones that then touch.
-fn aligned(segments: &[Segment]) -> Vec<Segment> {
+fn aligned(segments: impl Iterator<Item = Segment>) -> Vec<Segment> {
     let mut out: Vec<Segment> = Vec::new();
     for s in segments {
         let a = s.offset / SECTOR_SIZE * SECTOR_SIZE;
@@ -120,23 +133,15 @@ mod tests {
                 len: 64 << 10,
             }],
         );
-        let (s, c) = a.place(
-            1,
-            &[Segment {
-                offset: 0,
-                len: 129 * mb + 1,
-            }],
-        );
-        assert_eq!(s, 0);
+        a.place(1, Segments::Whole(129 * mb + 1));
         let e = &a.extents;
-        assert_eq!(c as usize, e.len());
         assert_eq!(e[0].logical, 3 * mb);
-        assert_eq!(e[0].len, 61 * mb);
+        assert_eq!(e[0].size(), 61 * mb);
         assert_eq!(e[1].logical, 64 * mb + (64 << 10));
         assert_eq!(e[1].file_offset, 61 * mb);
-        let total: u64 = e.iter().map(|x| x.len).sum();
+        let total: u64 = e.iter().map(|x| x.size()).sum();
         assert_eq!(total, 129 * mb + 4096);
-        assert!(e.iter().all(|x| x.len <= MAX_EXTENT));
+        assert!(e.iter().all(|x| x.size() <= MAX_EXTENT));
     }
 
     #[test]
@@ -156,7 +161,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            aligned(&segs),
+            aligned(segs.into_iter()),
             vec![Segment {
                 offset: 0,
                 len: 12288

@@ -1,19 +1,23 @@
-//! The fs tree (subvolume 5): inode numbering and every item of every inode,
-//! readable from any item index without materializing the tree.
+//! A filesystem tree: inode numbering and every item of every inode, readable
+//! from any item index without materializing the tree.
 //!
 //! Inodes are numbered in source order (breadth-first, names sorted bytewise), so
 //! the numbers depend only on the tree's content. Each inode's items come in key
 //! order as "sections": INODE_ITEM, refs (INODE_REF then INODE_EXTREF), XATTR_ITEMs,
-//! DIR_ITEMs, DIR_INDEXes, EXTENT_DATA. Per-inode section counts plus a prefix sum of
-//! item indexes give O(log n) access to any item, which is what on-demand leaf
-//! encoding needs.
+//! DIR_ITEMs, DIR_INDEXes, EXTENT_DATA. Per-inode first item indexes give
+//! O(log n) access to any item, which is what on-demand leaf encoding needs.
+//! The rare cases (hash collisions, hard links) live in side tables, so an
+//! ordinary inode costs 24 bytes here.
 
 use super::data::DataExtent;
 use super::items::{Body, DirEntry, Item, ItemSource};
+use super::pack::Oversized;
+use super::trees::ExtentOwners;
+use crate::error::{Error, Result};
 use crate::format::hash::{extref_hash, name_hash};
 use crate::format::items::{InodeItem, RegularExtent};
 use crate::format::*;
-use crate::source::{Kind, SourceTree};
+use crate::source::{Kind, SourceTree, LINK_MAX};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -29,23 +33,20 @@ pub struct InodePolicy {
     pub max_inline: u64,
 }
 
-#[derive(Clone, Debug)]
-pub struct Inode {
-    /// The source node that holds this inode's attributes (first of its hard links).
-    pub node: u32,
-    pub nlink: u32,
-    pub size: u64,
-    pub first_item: u64,
-    pub ext_start: u32,
-    pub ext_count: u32,
-    pub inline: bool,
-    pub n_refs: u32,
-    pub n_xattr: u32,
-    pub n_dir: u32,
-}
+const INLINE: u8 = 1;
+const LINKED: u8 = 2;
+const XATTR_COLLISION: u8 = 4;
+const DIR_COLLISION: u8 = 8;
 
-/// Extended attributes whose names share one hash: (name, value).
-type XattrGroup<'a> = Vec<(&'a [u8], &'a [u8])>;
+#[derive(Clone, Copy, Debug)]
+struct Inode {
+    /// The source node that holds this inode's attributes (first of its hard links).
+    node: u32,
+    /// Its first data extent; it has those up to the next inode's.
+    ext_start: u32,
+    first_item: u64,
+    flags: u8,
+}
 
 /// One INODE_REF or INODE_EXTREF item of a hard-linked inode.
 #[derive(Clone, Debug)]
@@ -54,20 +55,32 @@ struct RefItem {
     nodes: Vec<u32>,
 }
 
+#[derive(Clone, Debug)]
+struct Links {
+    nlink: u32,
+    refs: Vec<RefItem>,
+}
+
+/// Extended attributes whose names share one hash: (name, value).
+type XattrGroup<'a> = Vec<(&'a [u8], &'a [u8])>;
+
 pub struct FsItems {
-    pub tree: Arc<SourceTree>,
-    pub inodes: Vec<Inode>,
+    tree: Arc<SourceTree>,
+    /// The tree's object id (5 for the top-level fs tree).
+    objectid: u64,
+    inodes: Vec<Inode>,
     /// Inode index (ino - 256) of every source node.
-    pub node_ino: Vec<u32>,
-    /// For every directory, its children sorted by (name hash, name); stored at the
-    /// positions of the children themselves.
+    node_ino: Arc<Vec<u32>>,
+    /// For every directory, its children sorted by (name hash, node); stored at
+    /// the positions of the children themselves.
     hash_order: Vec<u32>,
-    /// Directories with colliding name hashes: start offsets of each DIR_ITEM group.
-    collisions: BTreeMap<u32, Vec<u32>>,
-    /// Hard-linked inodes: their ref items.
-    links: BTreeMap<u32, Vec<RefItem>>,
-    pub extents: Arc<Vec<DataExtent>>,
-    pub policy: InodePolicy,
+    /// Directories with colliding name hashes: start of each DIR_ITEM group.
+    dir_groups: BTreeMap<u32, Vec<u32>>,
+    /// Inodes whose xattr names collide: the number of XATTR_ITEMs.
+    xattr_items: BTreeMap<u32, u32>,
+    links: BTreeMap<u32, Links>,
+    extents: Arc<Vec<DataExtent>>,
+    policy: InodePolicy,
     items: u64,
 }
 
@@ -83,69 +96,81 @@ pub fn ftype(kind: Kind) -> u8 {
     }
 }
 
+fn distinct_hashes<'a>(names: impl Iterator<Item = &'a [u8]>) -> u32 {
+    let mut h: Vec<u64> = names.map(name_hash).collect();
+    h.sort_unstable();
+    h.dedup();
+    h.len() as u32
+}
+
 impl FsItems {
-    /// Numbers inodes and counts every section except file extents.
-    pub fn new(tree: Arc<SourceTree>, policy: InodePolicy, nodesize: u32) -> FsItems {
+    /// Numbers inodes and groups names; file extents are attached later.
+    pub fn new(
+        tree: Arc<SourceTree>,
+        objectid: u64,
+        policy: InodePolicy,
+        nodesize: u32,
+    ) -> Result<FsItems> {
         let n = tree.len();
         let mut node_ino = vec![0u32; n];
         let mut inodes: Vec<Inode> = Vec::new();
+        let mut xattr_items = BTreeMap::new();
+        let mut nlinks: BTreeMap<u32, u32> = BTreeMap::new();
         for i in 0..n as u32 {
             let node = tree.node(i);
-            if node.link_rep == i {
-                node_ino[i as usize] = inodes.len() as u32;
-                let size = match node.kind {
-                    Kind::Dir => tree
-                        .children(i)
-                        .map(|c| 2 * tree.name(c).len() as u64)
-                        .sum(),
-                    Kind::File | Kind::Symlink => node.size,
-                    _ => 0,
-                };
-                let n_xattr = {
-                    let mut h: Vec<u64> = tree.xattrs(i).map(|(k, _)| name_hash(k)).collect();
-                    h.sort_unstable();
-                    h.dedup();
-                    h.len() as u32
-                };
-                let inline = match node.kind {
-                    Kind::Symlink => true,
-                    Kind::File => {
-                        node.size > 0
-                            && node.size <= policy.max_inline
-                            && !tree.segments(i).is_empty()
-                    }
-                    _ => false,
-                };
-                inodes.push(Inode {
-                    node: i,
-                    nlink: 1,
-                    size,
-                    first_item: 0,
-                    ext_start: 0,
-                    ext_count: 0,
-                    inline,
-                    n_refs: 1,
-                    n_xattr,
-                    n_dir: 0,
-                });
-            } else {
+            if node.link_rep != i {
                 let rep = node_ino[node.link_rep as usize];
                 node_ino[i as usize] = rep;
-                inodes[rep as usize].nlink += 1;
+                *nlinks.entry(rep).or_insert(1) += 1;
+                continue;
             }
+            let idx = inodes.len() as u32;
+            node_ino[i as usize] = idx;
+            let mut flags = 0;
+            let inline = match node.kind {
+                Kind::Symlink => true,
+                Kind::File => {
+                    node.size > 0 && node.size <= policy.max_inline && !tree.segments(i).is_empty()
+                }
+                _ => false,
+            };
+            if inline {
+                flags |= INLINE;
+            }
+            let count = tree.xattr_count(i);
+            if count > 1 {
+                let groups = distinct_hashes(tree.xattrs(i).map(|(k, _)| k));
+                if groups != count {
+                    flags |= XATTR_COLLISION;
+                    xattr_items.insert(idx, groups);
+                }
+            }
+            inodes.push(Inode {
+                node: i,
+                ext_start: 0,
+                first_item: 0,
+                flags,
+            });
         }
 
         // Hard links: group names by parent inode; overflow into INODE_EXTREF.
         let mut by_inode: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for i in 1..n as u32 {
             let ino = node_ino[i as usize];
-            if inodes[ino as usize].nlink > 1 {
+            if nlinks.contains_key(&ino) {
                 by_inode.entry(ino).or_default().push(i);
             }
         }
         let max_item = max_item_size(nodesize);
         let mut links = BTreeMap::new();
         for (ino, mut names) in by_inode {
+            let nlink = names.len() as u32;
+            if nlink > LINK_MAX {
+                return Err(Error::at(
+                    &tree.path(inodes[ino as usize].node),
+                    format!("has {nlink} hard links; the kernel allows at most {LINK_MAX}"),
+                ));
+            }
             names.sort_by_key(|&c| (node_ino[tree.node(c).parent as usize], c));
             let mut refs: Vec<RefItem> = Vec::new();
             let mut ext: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
@@ -177,13 +202,13 @@ impl FsItems {
                     nodes,
                 });
             }
-            inodes[ino as usize].n_refs = refs.len() as u32;
-            links.insert(ino, refs);
+            inodes[ino as usize].flags |= LINKED;
+            links.insert(ino, Links { nlink, refs });
         }
 
         // Directory items in hash order.
         let mut hash_order: Vec<u32> = (0..n as u32).collect();
-        let mut collisions = BTreeMap::new();
+        let mut dir_groups = BTreeMap::new();
         for inode in inodes.iter_mut() {
             let d = inode.node;
             if tree.node(d).kind != Kind::Dir {
@@ -201,43 +226,88 @@ impl FsItems {
                     last = Some(h);
                 }
             }
-            inode.n_dir = groups.len() as u32;
             if groups.len() != slice.len() {
-                collisions.insert(d, groups);
+                inode.flags |= DIR_COLLISION;
+                dir_groups.insert(d, groups);
             }
         }
 
-        FsItems {
+        Ok(FsItems {
             tree,
+            objectid,
             inodes,
-            node_ino,
+            node_ino: Arc::new(node_ino),
             hash_order,
-            collisions,
+            dir_groups,
+            xattr_items,
             links,
             extents: Arc::new(Vec::new()),
             policy,
             items: 0,
-        }
+        })
     }
 
-    /// Attaches the placed data extents and computes item indexes.
-    pub fn set_extents(&mut self, extents: Arc<Vec<DataExtent>>, per_inode: &[(u32, u32)]) {
-        self.extents = extents;
+    /// The source nodes of the inodes whose data goes into extents, in inode order.
+    pub fn extent_files(&self) -> impl Iterator<Item = u32> + '_ {
+        self.inodes
+            .iter()
+            .filter(|i| i.flags & INLINE == 0 && self.tree.node(i.node).kind == Kind::File)
+            .map(|i| i.node)
+    }
+
+    /// Attaches the placed data extents (in inode order) and computes item indexes.
+    pub fn set_extents(&mut self, extents: Arc<Vec<DataExtent>>) {
+        let mut e = 0usize;
         let mut next = 0u64;
-        for (i, inode) in self.inodes.iter_mut().enumerate() {
-            let (s, c) = per_inode[i];
-            inode.ext_start = s;
-            inode.ext_count = c;
-            inode.first_item = next;
-            next += (0..6)
-                .map(|sec| section_len(&self.tree, inode, sec) as u64)
-                .sum::<u64>();
+        for idx in 0..self.inodes.len() {
+            let node = self.inodes[idx].node;
+            while e < extents.len() && self.node_ino[extents[e].node as usize] < idx as u32 {
+                e += 1;
+            }
+            self.inodes[idx].ext_start = e as u32;
+            self.inodes[idx].first_item = next;
+            let mut end = e;
+            while end < extents.len() && extents[end].node == node {
+                end += 1;
+            }
+            let ext_count = (end - e) as u64;
+            next += (0..5)
+                .map(|sec| self.section_len(idx, sec) as u64)
+                .sum::<u64>()
+                + if self.inodes[idx].flags & INLINE != 0 {
+                    1
+                } else {
+                    ext_count
+                };
         }
+        self.extents = extents;
         self.items = next;
     }
 
-    pub fn ino(&self, inode_idx: u32) -> u64 {
+    /// Which inode and fs tree own each data extent (for the extent tree).
+    pub fn owners(&self) -> Arc<dyn ExtentOwners> {
+        Arc::new(FsOwners {
+            node_ino: self.node_ino.clone(),
+            extents: self.extents.clone(),
+            objectid: self.objectid,
+        })
+    }
+
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    fn ino(&self, inode_idx: u32) -> u64 {
         256 + inode_idx as u64
+    }
+
+    fn ext_range(&self, idx: usize) -> std::ops::Range<usize> {
+        let s = self.inodes[idx].ext_start as usize;
+        let e = self
+            .inodes
+            .get(idx + 1)
+            .map_or(self.extents.len(), |i| i.ext_start as usize);
+        s..e.max(s)
     }
 
     fn index_in_parent(&self, c: u32) -> u64 {
@@ -249,14 +319,15 @@ impl FsItems {
         Key::new(self.ino(self.node_ino[c as usize]), INODE_ITEM_KEY, 0)
     }
 
-    pub fn nbytes(&self, inode: &Inode) -> u64 {
+    fn nbytes(&self, idx: usize) -> u64 {
+        let inode = &self.inodes[idx];
         let node = self.tree.node(inode.node);
         match node.kind {
             Kind::Symlink => node.size,
-            Kind::File if inode.inline => node.size,
-            Kind::File => self.extents[inode.ext_start as usize..][..inode.ext_count as usize]
+            Kind::File if inode.flags & INLINE != 0 => node.size,
+            Kind::File => self.extents[self.ext_range(idx)]
                 .iter()
-                .map(|e| e.len)
+                .map(|e| e.size())
                 .sum(),
             _ => 0,
         }
@@ -267,142 +338,163 @@ impl FsItems {
         let node = self.tree.node(inode.node);
         let p = &self.policy;
         let (uid, gid) = p.owner.unwrap_or((node.uid, node.gid));
+        let nlink = match self.links.get(&(idx as u32)) {
+            Some(l) => l.nlink,
+            None => 1,
+        };
+        let mtime = node.mtime();
         InodeItem {
             generation: p.generation,
             transid: p.generation,
-            size: inode.size,
-            nbytes: self.nbytes(inode),
-            nlink: inode.nlink,
+            size: node.size,
+            nbytes: self.nbytes(idx),
+            nlink,
             uid,
             gid,
-            mode: node.mode,
+            mode: node.mode(),
             rdev: node.rdev(),
             flags: 0,
-            atime: node.mtime,
-            ctime: node.mtime,
-            mtime: node.mtime,
+            atime: mtime,
+            ctime: mtime,
+            mtime,
             otime: p.otime,
         }
     }
 
-    fn item(&self, idx: usize, section: u8, k: u32) -> Item<'_> {
+    /// Number of items of inode `idx` in section `sec` (see the module comment).
+    fn section_len(&self, idx: usize, sec: u8) -> u32 {
         let inode = &self.inodes[idx];
+        let node = self.tree.node(inode.node);
+        match sec {
+            0 => 1,
+            1 if inode.flags & LINKED != 0 => self
+                .links
+                .get(&(idx as u32))
+                .map_or(1, |l| l.refs.len() as u32),
+            1 => 1,
+            2 if inode.flags & XATTR_COLLISION != 0 => {
+                self.xattr_items.get(&(idx as u32)).copied().unwrap_or(0)
+            }
+            2 => self.tree.xattr_count(inode.node),
+            3 if inode.flags & DIR_COLLISION != 0 => self
+                .dir_groups
+                .get(&inode.node)
+                .map_or(0, |g| g.len() as u32),
+            3 | 4 => node.nchildren(),
+            _ if inode.flags & INLINE != 0 => 1,
+            _ => self.ext_range(idx).len() as u32,
+        }
+    }
+
+    /// The XATTR_ITEMs of a node in key (hash) order.
+    fn xattr_groups(&self, node: u32) -> Vec<(u64, XattrGroup<'_>)> {
+        let mut xs: Vec<(u64, &[u8], &[u8])> = self
+            .tree
+            .xattrs(node)
+            .map(|(n, v)| (name_hash(n), n, v))
+            .collect();
+        xs.sort();
+        let mut groups: Vec<(u64, XattrGroup)> = Vec::new();
+        for (h, n, v) in xs {
+            match groups.last_mut() {
+                Some((lh, g)) if *lh == h => g.push((n, v)),
+                _ => groups.push((h, vec![(n, v)])),
+            }
+        }
+        groups
+    }
+
+    fn ref_item(&self, idx: usize, k: u32) -> Item<'_> {
         let ino = self.ino(idx as u32);
         let tree = &*self.tree;
+        let d = self.inodes[idx].node;
+        if idx == 0 {
+            return Item {
+                key: Key::new(ino, INODE_REF_KEY, ino),
+                body: Body::InodeRef(vec![(0, b"..")]),
+            };
+        }
+        if let Some(l) = self.links.get(&(idx as u32)) {
+            let r = &l.refs[k as usize];
+            let body = if r.key.ty == INODE_REF_KEY {
+                Body::InodeRef(
+                    r.nodes
+                        .iter()
+                        .map(|&c| (self.index_in_parent(c), tree.name(c)))
+                        .collect(),
+                )
+            } else {
+                Body::InodeExtref(
+                    r.nodes
+                        .iter()
+                        .map(|&c| {
+                            let p = self.ino(self.node_ino[tree.node(c).parent as usize]);
+                            (p, self.index_in_parent(c), tree.name(c))
+                        })
+                        .collect(),
+                )
+            };
+            return Item { key: r.key, body };
+        }
+        let parent = self.ino(self.node_ino[tree.node(d).parent as usize]);
+        Item {
+            key: Key::new(ino, INODE_REF_KEY, parent),
+            body: Body::InodeRef(vec![(self.index_in_parent(d), tree.name(d))]),
+        }
+    }
+
+    fn dir_item(&self, idx: usize, k: u32) -> Item<'_> {
+        let d = self.inodes[idx].node;
+        let tree = &*self.tree;
+        let first = tree.node(d).first_child() as usize;
+        let (lo, hi) = match self.dir_groups.get(&d) {
+            Some(g) => {
+                let lo = g[k as usize] as usize;
+                let hi = g
+                    .get(k as usize + 1)
+                    .map_or(tree.node(d).nchildren() as usize, |&x| x as usize);
+                (lo, hi)
+            }
+            None => (k as usize, k as usize + 1),
+        };
+        let kids = &self.hash_order[first + lo..first + hi];
+        let h = name_hash(tree.name(kids[0]));
+        Item {
+            key: Key::new(self.ino(idx as u32), DIR_ITEM_KEY, h),
+            body: Body::Dir(kids.iter().map(|&c| self.dir_entry(c)).collect()),
+        }
+    }
+
+    fn extent_item(&self, idx: usize, k: u32) -> Item<'_> {
+        let ino = self.ino(idx as u32);
+        let inode = &self.inodes[idx];
         let d = inode.node;
-        match section {
-            0 => Item {
-                key: Key::new(ino, INODE_ITEM_KEY, 0),
-                body: Body::Inode(self.inode_item(idx)),
-            },
-            1 => {
-                if idx == 0 {
-                    return Item {
-                        key: Key::new(ino, INODE_REF_KEY, ino),
-                        body: Body::InodeRef(vec![(0, b"..")]),
-                    };
+        let node = self.tree.node(d);
+        if inode.flags & INLINE != 0 {
+            let body = if node.kind == Kind::Symlink {
+                Body::InlineBytes(self.tree.link_target(d))
+            } else {
+                Body::InlineFile {
+                    node: d,
+                    len: node.size,
                 }
-                if let Some(refs) = self.links.get(&(idx as u32)) {
-                    let r = &refs[k as usize];
-                    let body = if r.key.ty == INODE_REF_KEY {
-                        Body::InodeRef(
-                            r.nodes
-                                .iter()
-                                .map(|&c| (self.index_in_parent(c), tree.name(c)))
-                                .collect(),
-                        )
-                    } else {
-                        Body::InodeExtref(
-                            r.nodes
-                                .iter()
-                                .map(|&c| {
-                                    let p = self.ino(self.node_ino[tree.node(c).parent as usize]);
-                                    (p, self.index_in_parent(c), tree.name(c))
-                                })
-                                .collect(),
-                        )
-                    };
-                    return Item { key: r.key, body };
-                }
-                let parent = self.ino(self.node_ino[tree.node(d).parent as usize]);
-                Item {
-                    key: Key::new(ino, INODE_REF_KEY, parent),
-                    body: Body::InodeRef(vec![(self.index_in_parent(d), tree.name(d))]),
-                }
-            }
-            2 => {
-                let mut xs: Vec<(u64, &[u8], &[u8])> =
-                    tree.xattrs(d).map(|(n, v)| (name_hash(n), n, v)).collect();
-                xs.sort();
-                let mut groups: Vec<(u64, XattrGroup)> = Vec::new();
-                for (h, n, v) in xs {
-                    match groups.last_mut() {
-                        Some((lh, g)) if *lh == h => g.push((n, v)),
-                        _ => groups.push((h, vec![(n, v)])),
-                    }
-                }
-                let (h, g) = groups.swap_remove(k as usize);
-                Item {
-                    key: Key::new(ino, XATTR_ITEM_KEY, h),
-                    body: Body::Xattrs(g),
-                }
-            }
-            3 => {
-                let first = tree.node(d).first_child() as usize;
-                let (lo, hi) = match self.collisions.get(&d) {
-                    Some(g) => {
-                        let lo = g[k as usize] as usize;
-                        let hi = g
-                            .get(k as usize + 1)
-                            .map(|&x| x as usize)
-                            .unwrap_or(tree.node(d).nchildren() as usize);
-                        (lo, hi)
-                    }
-                    None => (k as usize, k as usize + 1),
-                };
-                let kids = &self.hash_order[first + lo..first + hi];
-                let h = name_hash(tree.name(kids[0]));
-                Item {
-                    key: Key::new(ino, DIR_ITEM_KEY, h),
-                    body: Body::Dir(kids.iter().map(|&c| self.dir_entry(c)).collect()),
-                }
-            }
-            4 => {
-                let c = tree.node(d).first_child() + k;
-                Item {
-                    key: Key::new(ino, DIR_INDEX_KEY, 2 + k as u64),
-                    body: Body::Dir(vec![self.dir_entry(c)]),
-                }
-            }
-            _ => {
-                let node = tree.node(d);
-                if inode.inline {
-                    let body = if node.kind == Kind::Symlink {
-                        Body::InlineBytes(tree.link_target(d))
-                    } else {
-                        Body::InlineFile {
-                            node: d,
-                            len: node.size,
-                        }
-                    };
-                    return Item {
-                        key: Key::new(ino, EXTENT_DATA_KEY, 0),
-                        body,
-                    };
-                }
-                let e = &self.extents[(inode.ext_start + k) as usize];
-                Item {
-                    key: Key::new(ino, EXTENT_DATA_KEY, e.file_offset),
-                    body: Body::Extent(RegularExtent {
-                        generation: self.policy.generation,
-                        ram_bytes: e.len,
-                        disk_bytenr: e.logical,
-                        disk_num_bytes: e.len,
-                        offset: 0,
-                        num_bytes: e.len,
-                    }),
-                }
-            }
+            };
+            return Item {
+                key: Key::new(ino, EXTENT_DATA_KEY, 0),
+                body,
+            };
+        }
+        let e = &self.extents[inode.ext_start as usize + k as usize];
+        Item {
+            key: Key::new(ino, EXTENT_DATA_KEY, e.file_offset),
+            body: Body::Extent(RegularExtent {
+                generation: self.policy.generation,
+                ram_bytes: e.size(),
+                disk_bytenr: e.logical,
+                disk_num_bytes: e.size(),
+                offset: 0,
+                num_bytes: e.size(),
+            }),
         }
     }
 
@@ -414,24 +506,94 @@ impl FsItems {
             name: self.tree.name(c),
         }
     }
+
+    /// The error for an item no leaf can hold, naming the entry that made it.
+    pub fn oversized(&self, o: &Oversized, nodesize: u32) -> Error {
+        let idx = (o.key.objectid - 256) as usize;
+        let node = self.inodes[idx].node;
+        let path = self.tree.path(node);
+        let Some(item) = self.iter_from(o.index).next() else {
+            return Error::at(&path, "internal error: oversized item vanished");
+        };
+        let list = |names: Vec<&[u8]>| {
+            let shown: Vec<String> = names
+                .iter()
+                .take(3)
+                .map(|n| format!("'{}'", String::from_utf8_lossy(n)))
+                .collect();
+            match names.len() {
+                n if n > 3 => format!("{} and {} more", shown.join(", "), n - 3),
+                _ => shown.join(", "),
+            }
+        };
+        let limit = format!(
+            "too large for a {nodesize}-byte node ({} bytes in one item, at most {})",
+            o.size, o.max
+        );
+        match item.body {
+            Body::Dir(entries) => Error::at(
+                &path,
+                format!(
+                    "{} names share one name hash ({:#010x}): {}; their directory item is {limit}; \
+                     the kernel refuses such a directory too (EOVERFLOW)",
+                    entries.len(),
+                    o.key.offset,
+                    list(entries.iter().map(|e| e.name).collect())
+                ),
+            ),
+            Body::Xattrs(x) if x.len() == 1 => Error::at(
+                &path,
+                format!(
+                    "extended attribute {} of {} bytes is {limit}",
+                    list(vec![x[0].0]),
+                    x[0].1.len()
+                ),
+            ),
+            Body::Xattrs(x) => Error::at(
+                &path,
+                format!(
+                    "extended attributes {} share one name hash and together are {limit}",
+                    list(x.iter().map(|(n, _)| *n).collect())
+                ),
+            ),
+            Body::InodeExtref(r) => Error::at(
+                &path,
+                format!(
+                    "{} hard-link names share one hash and their item is {limit}; \
+                     the kernel refuses more links (EMLINK): {}",
+                    r.len(),
+                    list(r.iter().map(|(_, _, n)| *n).collect())
+                ),
+            ),
+            Body::InlineBytes(t) => Error::at(
+                &path,
+                format!(
+                    "symlink target of {} bytes is too large for a {nodesize}-byte node (at most {} bytes)",
+                    t.len(),
+                    o.max - FILE_EXTENT_INLINE_HEADER
+                ),
+            ),
+            Body::InlineFile { len, .. } => Error::msg(format!(
+                "max_inline {} is too large for a {nodesize}-byte node ({}: {len} bytes inline are {limit})",
+                self.policy.max_inline,
+                path.display()
+            )),
+            _ => Error::at(&path, format!("an item of this entry is {limit}")),
+        }
+    }
 }
 
-/// Number of items of `inode` in section `sec` (see the module comment).
-fn section_len(tree: &SourceTree, inode: &Inode, sec: u8) -> u32 {
-    let node = tree.node(inode.node);
-    match sec {
-        0 => 1,
-        1 => inode.n_refs,
-        2 => inode.n_xattr,
-        3 => inode.n_dir,
-        4 => node.nchildren(),
-        _ => {
-            if inode.inline {
-                1
-            } else {
-                inode.ext_count
-            }
-        }
+/// (fs tree, inode number) of each data extent.
+struct FsOwners {
+    node_ino: Arc<Vec<u32>>,
+    extents: Arc<Vec<DataExtent>>,
+    objectid: u64,
+}
+
+impl ExtentOwners for FsOwners {
+    fn owner(&self, extent: u32) -> (u64, u64) {
+        let node = self.extents[extent as usize].node;
+        (self.objectid, 256 + self.node_ino[node as usize] as u64)
     }
 }
 
@@ -440,6 +602,8 @@ struct FsIter<'a> {
     inode: usize,
     section: u8,
     k: u32,
+    /// XATTR_ITEMs of the current inode, once its xattr section is reached.
+    xattrs: Option<std::vec::IntoIter<(u64, XattrGroup<'a>)>>,
 }
 
 impl<'a> Iterator for FsIter<'a> {
@@ -447,20 +611,54 @@ impl<'a> Iterator for FsIter<'a> {
 
     fn next(&mut self) -> Option<Item<'a>> {
         loop {
-            let inode = self.fs.inodes.get(self.inode)?;
+            self.fs.inodes.get(self.inode)?;
             if self.section > 5 {
                 self.inode += 1;
                 self.section = 0;
                 self.k = 0;
+                self.xattrs = None;
                 continue;
             }
-            if self.k < section_len(&self.fs.tree, inode, self.section) {
-                let item = self.fs.item(self.inode, self.section, self.k);
-                self.k += 1;
-                return Some(item);
+            if self.k >= self.fs.section_len(self.inode, self.section) {
+                self.section += 1;
+                self.k = 0;
+                continue;
             }
-            self.section += 1;
-            self.k = 0;
+            let (idx, k) = (self.inode, self.k);
+            self.k += 1;
+            return Some(match self.section {
+                0 => Item {
+                    key: Key::new(self.fs.ino(idx as u32), INODE_ITEM_KEY, 0),
+                    body: Body::Inode(self.fs.inode_item(idx)),
+                },
+                1 => self.fs.ref_item(idx, k),
+                2 => {
+                    let fs = self.fs;
+                    let groups = self.xattrs.get_or_insert_with(|| {
+                        let mut g = fs.xattr_groups(fs.inodes[idx].node).into_iter();
+                        if k > 0 {
+                            g.nth(k as usize - 1);
+                        }
+                        g
+                    });
+                    let (h, g) = groups
+                        .next()
+                        .expect("xattr section length matches its groups");
+                    Item {
+                        key: Key::new(self.fs.ino(idx as u32), XATTR_ITEM_KEY, h),
+                        body: Body::Xattrs(g),
+                    }
+                }
+                3 => self.fs.dir_item(idx, k),
+                4 => {
+                    let c = self.fs.tree.node(self.fs.inodes[idx].node).first_child() + k;
+                    Item {
+                        key: Key::new(self.fs.ino(idx as u32), DIR_INDEX_KEY, 2 + k as u64),
+                        body: Body::Dir(vec![self.fs.dir_entry(c)]),
+                    }
+                }
+                _ => self.fs.extent_item(idx, k),
+            });
         }
     }
 }
@@ -480,11 +678,12 @@ impl ItemSource for FsItems {
             inode: idx,
             section: 0,
             k: 0,
+            xattrs: None,
         };
         if let Some(inode) = self.inodes.get(idx) {
             let mut local = start - inode.first_item;
             while it.section <= 5 {
-                let n = section_len(&self.tree, inode, it.section) as u64;
+                let n = self.section_len(idx, it.section) as u64;
                 if local < n {
                     it.k = local as u32;
                     break;

@@ -49,7 +49,9 @@ pub enum Body<'a> {
     MetadataExtent {
         owner: u64,
     },
+    /// A data EXTENT_ITEM with one EXTENT_DATA_REF: (fs tree, inode, file offset).
     DataExtent {
+        root: u64,
         ino: u64,
         offset: u64,
     },

@@ -1,27 +1,35 @@
 //! Layout policy: from a source tree to a complete, immutable description of the
 //! image (every tree's items and block addresses, chunks, the region table and
 //! the superblock). Planning never opens a file; the image layer does all I/O.
+//!
+//! `build` runs named phases, each a function of the previous ones' results:
+//! checks, identities, inode numbering, data placement, the trees whose shape
+//! is known before any address, the metadata layout (a fixed point), and the
+//! final assembly of the trees that point at addresses.
 
 pub mod data;
 pub mod fs;
 pub mod items;
+pub mod layout;
+pub mod limits;
 pub mod pack;
 pub mod space;
+pub mod tree_id;
 pub mod trees;
+pub mod uuid;
 
 use crate::error::{Error, Result};
 use crate::format::items::DevItem;
 use crate::format::superblock::{RootPtr, Superblock};
 use crate::format::*;
-use crate::source::{Kind, SourceTree};
+use crate::source::SourceTree;
 use data::{DataAllocator, DataExtent};
 use fs::{FsItems, InodePolicy};
 use items::ItemSource;
 use pack::{pack, Shape};
-use sha2::{Digest, Sha256};
 use space::{Chunk, Region};
 use std::sync::Arc;
-use trees::BlockInfo;
+pub use tree_id::TreeId;
 
 /// The single transaction id stamped on everything in a fresh image.
 pub const GENERATION: u64 = 1;
@@ -63,30 +71,8 @@ impl Default for Options {
     }
 }
 
-/// Tree indexes in `Plan::trees`, in the order their blocks are allocated.
-pub const T_FS: usize = 0;
-pub const T_CSUM: usize = 1;
-pub const T_EXTENT: usize = 2;
-pub const T_FST: usize = 3;
-pub const T_DEV: usize = 4;
-pub const T_UUID: usize = 5;
-pub const T_RELOC: usize = 6;
-pub const T_ROOT: usize = 7;
-pub const T_CHUNK: usize = 8;
-const OWNERS: [u64; 9] = [
-    FS_TREE,
-    CSUM_TREE,
-    EXTENT_TREE,
-    FREE_SPACE_TREE,
-    DEV_TREE,
-    UUID_TREE,
-    DATA_RELOC_TREE,
-    ROOT_TREE,
-    CHUNK_TREE,
-];
-
 pub struct TreePlan {
-    pub owner: u64,
+    pub id: TreeId,
     pub items: Box<dyn ItemSource>,
     pub shape: Shape,
     /// `addrs[level][i]`: logical address of block `i` of that level.
@@ -101,7 +87,7 @@ impl TreePlan {
                 .last()
                 .and_then(|l| l.first())
                 .copied()
-                .unwrap_or(0),
+                .expect("every tree has a root block"),
             level: self.shape.root_level(),
         }
     }
@@ -111,7 +97,8 @@ impl TreePlan {
 #[derive(Clone, Copy, Debug)]
 pub struct BlockRef {
     pub logical: u64,
-    pub tree: u8,
+    /// Index into `Plan::trees`.
+    pub tree: u16,
     pub level: u8,
     pub idx: u32,
 }
@@ -136,30 +123,19 @@ pub struct Plan {
 }
 
 impl Plan {
+    pub fn tree(&self, id: TreeId) -> &TreePlan {
+        self.trees
+            .iter()
+            .find(|t| t.id == id)
+            .expect("every image has this tree")
+    }
+
     /// A human-readable description of the layout.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
         let mib = |b: u64| b as f64 / 1048576.0;
         let mut s = String::new();
-        let u = &self.fsid;
-        let _ = writeln!(
-            s,
-            "uuid: {:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{}",
-            u[0],
-            u[1],
-            u[2],
-            u[3],
-            u[4],
-            u[5],
-            u[6],
-            u[7],
-            u[8],
-            u[9],
-            u[10..]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        );
+        let _ = writeln!(s, "uuid: {}", format_uuid(&self.fsid));
         let _ = writeln!(
             s,
             "image size: {} bytes ({:.2} MiB)",
@@ -167,24 +143,13 @@ impl Plan {
             mib(self.total_bytes)
         );
         let _ = writeln!(s, "entries: {}", self.source.len());
-        let data: u64 = self.extents.iter().map(|e| e.len).sum();
+        let data: u64 = self.extents.iter().map(|e| e.size()).sum();
         let _ = writeln!(
             s,
             "file data: {} bytes in {} extents",
             data,
             self.extents.len()
         );
-        let names = [
-            "fs",
-            "csum",
-            "extent",
-            "free-space",
-            "dev",
-            "uuid",
-            "data-reloc",
-            "root",
-            "chunk",
-        ];
         let total_blocks: usize = self.trees.iter().map(|t| t.shape.blocks()).sum();
         let _ = writeln!(
             s,
@@ -193,8 +158,7 @@ impl Plan {
             mib(total_blocks as u64 * self.nodesize as u64),
             self.trees
                 .iter()
-                .zip(names)
-                .map(|(t, n)| format!("{n} {}", t.shape.blocks()))
+                .map(|t| format!("{} {}", t.id.name(), t.shape.blocks()))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -221,167 +185,108 @@ impl Plan {
     }
 }
 
-fn derive_uuid(parts: &[&[u8]]) -> [u8; 16] {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    let d = h.finalize();
-    let mut u = [0u8; 16];
-    u.copy_from_slice(&d[..16]);
-    // RFC 9562 version 8 (custom), variant 10.
-    u[6] = (u[6] & 0x0f) | 0x80;
-    u[8] = (u[8] & 0x3f) | 0x80;
-    u
+pub fn format_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
-/// A filesystem UUID that depends only on the tree's content and the options.
-fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
-    let mut h = Sha256::new();
-    h.update(b"btrfsimg fsid v1");
-    h.update(&opts.label);
-    h.update(opts.nodesize.to_le_bytes());
-    h.update([opts.metadata_dup as u8]);
-    h.update(opts.timestamp.to_le_bytes());
-    h.update(opts.size.unwrap_or(0).to_le_bytes());
-    h.update(opts.extra_space.to_le_bytes());
-    h.update(opts.max_inline.to_le_bytes());
-    h.update([opts.rw_slack as u8]);
-    if let Some((u, g)) = opts.owner {
-        h.update(u.to_le_bytes());
-        h.update(g.to_le_bytes());
-    }
-    for i in 0..tree.len() as u32 {
-        let n = tree.node(i);
-        h.update(n.parent.to_le_bytes());
-        h.update((tree.name(i).len() as u32).to_le_bytes());
-        h.update(tree.name(i));
-        h.update(n.mode.to_le_bytes());
-        h.update(n.uid.to_le_bytes());
-        h.update(n.gid.to_le_bytes());
-        h.update(n.mtime.sec.to_le_bytes());
-        h.update(n.mtime.nsec.to_le_bytes());
-        h.update(n.size.to_le_bytes());
-        h.update(n.rdev().to_le_bytes());
-        h.update(n.link_rep.to_le_bytes());
-        if n.kind == Kind::Symlink {
-            h.update(tree.link_target(i));
+/// The UUIDs of one image.
+struct Ids {
+    fsid: [u8; 16],
+    chunk_tree: [u8; 16],
+    device: [u8; 16],
+    fs_tree: [u8; 16],
+}
+
+impl Ids {
+    fn derive(tree: &SourceTree, opts: &Options) -> Ids {
+        let fsid = opts.fsid.unwrap_or_else(|| uuid::content_uuid(tree, opts));
+        Ids {
+            fsid,
+            chunk_tree: uuid::derive_uuid(&[&fsid, b"chunk tree"]),
+            device: uuid::derive_uuid(&[&fsid, b"device"]),
+            fs_tree: uuid::derive_uuid(&[&fsid, b"fs tree"]),
         }
     }
-    derive_uuid(&[&h.finalize()[..]])
 }
 
-fn validate(tree: &SourceTree, opts: &Options) -> Result<()> {
-    if !opts.nodesize.is_power_of_two() || !(4096..=65536).contains(&opts.nodesize) {
+/// File data placed in DATA chunks.
+struct Placement {
+    extents: Arc<Vec<DataExtent>>,
+    chunks: Vec<Chunk>,
+    end: u64,
+}
+
+/// Packs every regular file's data, in inode order, from `space::DATA_START`.
+fn place_data(tree: &SourceTree, fs: &FsItems, opts: &Options) -> Result<Placement> {
+    let start = space::DATA_START;
+    let mut alloc = DataAllocator::new(start, space::DATA_CHUNK_MAX, space::data_exclusions(start));
+    for node in fs.extent_files() {
+        alloc.place(node, tree.segments(node));
+    }
+    if alloc.extents.len() >= u32::MAX as usize {
         return Err(Error::msg(format!(
-            "invalid node size {}: must be a power of two from 4096 to 65536",
-            opts.nodesize
+            "the files need {} data extents; at most {} are supported",
+            alloc.extents.len(),
+            u32::MAX - 1
         )));
     }
-    if opts.label.len() > 255 {
-        return Err(Error::msg(format!(
-            "label is {} bytes long; at most 255 are allowed",
-            opts.label.len()
-        )));
-    }
-    let max_item = max_item_size(opts.nodesize);
-    let max_inline_data = (SECTOR_SIZE as usize - 1).min(max_item - FILE_EXTENT_INLINE_HEADER);
-    for i in 0..tree.len() as u32 {
-        let n = tree.node(i);
-        if n.kind == Kind::Symlink && (n.size == 0 || n.size as usize > max_inline_data) {
-            return Err(Error::at(
-                &tree.path(i),
-                format!(
-                    "symlink target of {} bytes does not fit (1 to {} bytes)",
-                    n.size, max_inline_data
-                ),
-            ));
-        }
-        if let Some(bad) = oversized_xattr_item(tree.xattrs(i), max_item) {
-            let msg = match &bad[..] {
-                [(name, value)] => format!(
-                    "extended attribute {} of {} bytes is too large for a {}-byte node",
-                    String::from_utf8_lossy(name),
-                    value.len(),
-                    opts.nodesize
-                ),
-                group => format!(
-                    "extended attributes {} share one name hash and together ({} bytes) \
-                     are too large for a {}-byte node",
-                    group
-                        .iter()
-                        .map(|(n, _)| String::from_utf8_lossy(n))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    group.iter().map(|(_, v)| v.len()).sum::<usize>(),
-                    opts.nodesize
-                ),
-            };
-            return Err(Error::at(&tree.path(i), msg));
-        }
-        if n.kind == Kind::Dir && n.nchildren() as u64 > u32::MAX as u64 - 3 {
-            return Err(Error::at(&tree.path(i), "too many directory entries"));
-        }
-    }
-    Ok(())
+    let end = alloc.pos;
+    let extents = Arc::new(std::mem::take(&mut alloc.extents));
+    let slack = if opts.rw_slack { space::DATA_SLACK } else { 0 };
+    let chunks = space::data_chunks(start, end, slack, &extents);
+    Ok(Placement {
+        extents,
+        chunks,
+        end,
+    })
 }
 
-/// The first XATTR_ITEM of an inode that would not fit in a leaf: btrfs stores
-/// every attribute whose name has the same hash in one item, so each such group
-/// (usually a single attribute) must fit within `max_item` bytes; names are at
-/// most 255 bytes. Returns that group's (name, value) pairs.
-fn oversized_xattr_item<'a>(
-    xattrs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
-    max_item: usize,
-) -> Option<Vec<(&'a [u8], &'a [u8])>> {
-    let mut all: Vec<(u64, &[u8], &[u8])> =
-        xattrs.map(|(n, v)| (hash::name_hash(n), n, v)).collect();
-    all.sort();
-    all.chunk_by(|a, b| a.0 == b.0)
-        .find(|group| {
-            let size: usize = group
-                .iter()
-                .map(|(_, n, v)| DIR_ITEM_HEADER + n.len() + v.len())
-                .sum();
-            size > max_item || group.iter().any(|(_, n, _)| n.len() > 255)
-        })
-        .map(|group| group.iter().map(|&(_, n, v)| (n, v)).collect())
+/// Packs a tree whose items came from input: an item that fits no leaf is
+/// the input's fault, explained by `explain`.
+fn pack_input(
+    items: &dyn ItemSource,
+    nodesize: u32,
+    explain: impl FnOnce(&pack::Oversized) -> Error,
+) -> Result<Shape> {
+    pack(items, nodesize).map_err(|o| explain(&o))
 }
 
-/// Metadata headroom so the image, at its exact size, can be mounted read-write
-/// and take its first writes without any unallocated space: the kernel's global
-/// block reserve (measured on Linux 6.18: 5.5 MiB = 22 "insert units" of
-/// nodesize × 8 levels × 2 for a small 16 KiB-node image; it grows with the
-/// extent, csum and free-space trees) plus 20 units of working room for the
-/// first transactions (16 was measured to be enough, 14 not).
-fn metadata_slack(nodesize: u32, self_trees_blocks: u64) -> u64 {
-    let unit = nodesize as u64 * MAX_LEVEL as u64 * 2;
-    let global = (self_trees_blocks * nodesize as u64).max(22 * unit);
-    global + 20 * unit
+fn pack_internal(id: TreeId, items: &dyn ItemSource, nodesize: u32) -> Result<Shape> {
+    pack(items, nodesize).map_err(|o| {
+        Error::msg(format!(
+            "internal error: {} tree item {:?} of {} bytes does not fit a node",
+            id.name(),
+            o.key,
+            o.size
+        ))
+    })
 }
 
 pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
-    validate(&source, opts)?;
+    // Checks and identities.
+    limits::validate_options(opts)?;
+    limits::validate_tree(&source)?;
     let nodesize = opts.nodesize;
-    let n64 = nodesize as u64;
     let g = GENERATION;
     let time = Timespec {
         sec: opts.timestamp,
         nsec: 0,
     };
-    let fsid = match opts.fsid {
-        Some(u) => u,
-        None => content_uuid(&source, opts),
-    };
-    let chunk_tree_uuid = derive_uuid(&[&fsid, b"chunk tree"]);
-    let dev_uuid = derive_uuid(&[&fsid, b"device"]);
-    let fs_uuid = derive_uuid(&[&fsid, b"fs tree"]);
+    let ids = Ids::derive(&source, opts);
     let tree = Arc::new(source);
 
-    // Inodes and data placement.
+    // Inodes, then data placement in inode order.
     let mut fs = FsItems::new(
         tree.clone(),
+        FS_TREE,
         InodePolicy {
             generation: g,
             owner: opts.owner,
@@ -389,354 +294,281 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
             max_inline: opts.max_inline,
         },
         nodesize,
-    );
-    let copies = if opts.metadata_dup { 2 } else { 1 };
-    let system_len = space::system_len(nodesize);
-    let data_start = space::SYSTEM_START + system_len * copies;
-    let mut alloc = DataAllocator::new(
-        data_start,
-        space::DATA_CHUNK_MAX,
-        space::data_exclusions(data_start),
-    );
-    let mut per_inode = vec![(0u32, 0u32); fs.inodes.len()];
-    for (i, inode) in fs.inodes.iter().enumerate() {
-        if tree.node(inode.node).kind == Kind::File && !inode.inline {
-            per_inode[i] = alloc.place(inode.node, &tree.segments(inode.node));
-        }
-    }
-    let data_end = alloc.pos;
-    let extents = Arc::new(std::mem::take(&mut alloc.extents));
-    let ext_ino: Arc<Vec<u64>> = Arc::new(
-        extents
-            .iter()
-            .map(|e| fs.ino(fs.node_ino[e.node as usize]))
-            .collect(),
-    );
-    fs.set_extents(extents.clone(), &per_inode);
-    let data_slack = if opts.rw_slack { space::DATA_SLACK } else { 0 };
-    let data_chunks = space::data_chunks(data_start, data_end, data_slack, &extents);
-    let meta_ty = BLOCK_GROUP_METADATA
-        | if opts.metadata_dup {
-            BLOCK_GROUP_DUP
-        } else {
-            0
-        };
-    let sys_ty = BLOCK_GROUP_SYSTEM
-        | if opts.metadata_dup {
-            BLOCK_GROUP_DUP
-        } else {
-            0
-        };
-    let system = Chunk {
-        logical: space::SYSTEM_START,
-        length: system_len,
-        ty: sys_ty,
-        stripes: (0..copies)
-            .map(|i| space::SYSTEM_START + i * system_len)
-            .collect(),
-        used: 0,
-    };
-    let meta_start = data_chunks.last().map(|c| c.end()).unwrap_or(data_start);
+    )?;
+    let data = place_data(&tree, &fs, opts)?;
+    fs.set_extents(data.extents.clone());
+    let owners = fs.owners();
 
-    // Trees whose shape does not depend on addresses.
-    let fs_shape = pack(&fs, nodesize);
-    let csum = trees::csum_tree(&extents, &data_chunks, nodesize);
-    let csum_shape = pack(&csum, nodesize);
-    let fixed_shape = |items: &dyn ItemSource| pack(items, nodesize);
-    let uuid_items = trees::uuid_tree(fs_uuid);
-    let uuid_shape = fixed_shape(&uuid_items);
+    // Trees whose shape does not depend on addresses. The fs tree is where
+    // input meets leaves: its oversized items are the input's errors.
+    let fs_shape = pack_input(&fs, nodesize, |o| fs.oversized(o, nodesize))?;
+    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize);
+    let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize)?;
+    let uuid_items = trees::uuid_tree(ids.fs_tree);
     let reloc_items = trees::reloc_tree(g, time);
-    let reloc_shape = fixed_shape(&reloc_items);
-    let root_input = |infos: &[trees::RootInfo; 9]| trees::RootTreeInput {
-        generation: g,
+    let rooted: Vec<TreeId> = [
+        TreeId::Extent,
+        TreeId::Dev,
+        TreeId::Fs(FS_TREE),
+        TreeId::Csum,
+        TreeId::Uuid,
+        TreeId::FreeSpace,
+        TreeId::DataReloc,
+    ]
+    .to_vec();
+    let root_items = |infos: &[(TreeId, trees::RootInfo)]| root_tree(opts, ids.fs_tree, infos);
+    let placeholder: Vec<(TreeId, trees::RootInfo)> =
+        rooted.iter().map(|&t| (t, Default::default())).collect();
+    let root_shape = pack_internal(TreeId::Root, &root_items(&placeholder), nodesize)?;
+    let fixed = vec![
+        (TreeId::Fs(FS_TREE), fs_shape),
+        (TreeId::Csum, csum_shape),
+        (
+            TreeId::Uuid,
+            pack_internal(TreeId::Uuid, &uuid_items, nodesize)?,
+        ),
+        (
+            TreeId::DataReloc,
+            pack_internal(TreeId::DataReloc, &reloc_items, nodesize)?,
+        ),
+        (TreeId::Root, root_shape),
+    ];
+
+    // Where every block goes.
+    let layout = layout::solve(&layout::LayoutInput {
         nodesize,
-        time,
-        fs_uuid,
-        extent: infos[T_EXTENT],
-        dev: infos[T_DEV],
-        fs: infos[T_FS],
-        csum: infos[T_CSUM],
-        uuid: infos[T_UUID],
-        free_space: infos[T_FST],
-        reloc: infos[T_RELOC],
+        dup: opts.metadata_dup,
+        rw_slack: opts.rw_slack,
+        meta_start: data.chunks.last().map_or(space::DATA_START, Chunk::end),
+        data_chunks: &data.chunks,
+        extents: &data.extents,
+        owners: &owners,
+        fixed: &fixed,
+        chunk_tree_uuid: ids.chunk_tree,
+    })?;
+
+    // The image's size.
+    let min_total = layout
+        .end
+        .checked_add(space::round_up(opts.extra_space, SECTOR_SIZE))
+        .filter(|&t| t <= limits::MAX_IMAGE_SIZE)
+        .ok_or_else(|| {
+            Error::msg(format!(
+                "--extra-space {} makes the image larger than {} bytes",
+                opts.extra_space,
+                limits::MAX_IMAGE_SIZE
+            ))
+        })?;
+    let total_bytes = match opts.size {
+        Some(s) if s < min_total => {
+            return Err(Error::msg(format!(
+                "--size {} is too small: the content needs {} bytes",
+                s, min_total
+            )))
+        }
+        Some(s) => s / SECTOR_SIZE * SECTOR_SIZE,
+        None => min_total,
     };
-    let root_shape = fixed_shape(&trees::root_tree(&root_input(&Default::default())));
 
-    // Fixed point: the extent and free-space trees describe all blocks, their
-    // own too, and the number of metadata chunks (chunk and dev tree items)
-    // follows from the number of blocks.
-    let mut ext_shape = Shape {
-        levels: vec![vec![0]],
-        items: 0,
-    };
-    let mut fst_shape = ext_shape.clone();
-    let mut chunk_shape = ext_shape.clone();
-    let mut dev_shape = ext_shape.clone();
-    for _ in 0..64 {
-        let shapes: [&Shape; 9] = [
-            &fs_shape,
-            &csum_shape,
-            &ext_shape,
-            &fst_shape,
-            &dev_shape,
-            &uuid_shape,
-            &reloc_shape,
-            &root_shape,
-            &chunk_shape,
-        ];
-        let meta_blocks: u64 = shapes[..T_CHUNK].iter().map(|s| s.blocks() as u64).sum();
-        let self_blocks = (ext_shape.blocks() + csum_shape.blocks() + fst_shape.blocks()) as u64;
-        let slack = if opts.rw_slack {
-            metadata_slack(nodesize, self_blocks)
-        } else {
-            0
-        };
-        let mut metas = space::metadata_chunks(
-            meta_start,
-            meta_blocks * n64 + slack,
-            opts.metadata_dup,
-            meta_ty,
-        );
-        let mut sys = system.clone();
-        sys.used = chunk_shape.blocks() as u64 * n64;
-        if sys.used > sys.length {
-            return Err(Error::msg("too many chunks for the system chunk"));
-        }
-
-        // Addresses: each tree's leaves first, then each node level, root last.
-        let mut addrs: Vec<Vec<Vec<u64>>> = Vec::with_capacity(9);
-        let mut slots = metas
-            .iter()
-            .flat_map(|m| space::block_slots(m, n64))
-            .collect::<Vec<u64>>()
-            .into_iter();
-        let mut sys_slots = space::block_slots(&sys, n64);
-        let mut blocks = Vec::new();
-        for (t, s) in shapes.iter().enumerate() {
-            let mut per_level = Vec::new();
-            for (level, l) in s.levels.iter().enumerate() {
-                let mut v = Vec::with_capacity(l.len());
-                for _ in 0..l.len() {
-                    let a = if t == T_CHUNK {
-                        sys_slots.next()
-                    } else {
-                        slots.next()
-                    }
-                    .ok_or_else(|| Error::msg("internal error: metadata chunk too small"))?;
-                    v.push(a);
-                    blocks.push(BlockInfo {
-                        logical: a,
-                        level: level as u8,
-                        owner: OWNERS[t],
-                    });
-                }
-                per_level.push(v);
-            }
-            addrs.push(per_level);
-        }
-        for m in &mut metas {
-            let n = blocks
-                .iter()
-                .filter(|b| b.logical >= m.logical && b.logical < m.end())
-                .count() as u64;
-            m.used = n * n64;
-        }
-        let layout_end = metas
-            .last()
-            .map(|m| m.stripes.last().copied().unwrap_or(0) + m.length)
-            .unwrap_or(meta_start);
-        let chunks: Vec<Chunk> = std::iter::once(sys)
-            .chain(data_chunks.iter().cloned())
-            .chain(metas)
-            .collect();
-
-        let ext_items = trees::extent_tree(&blocks, &extents, &ext_ino, &chunks, &OWNERS);
-        let fst_items = trees::free_space_tree(&blocks, &extents, &chunks, nodesize);
-        let new_shapes = [
-            pack(&ext_items, nodesize),
-            pack(&fst_items, nodesize),
-            fixed_shape(&trees::chunk_tree(DevItem::default(), &chunks)),
-            fixed_shape(&trees::dev_tree(&chunks, chunk_tree_uuid)),
-        ];
-        if new_shapes != [&ext_shape, &fst_shape, &chunk_shape, &dev_shape].map(Shape::clone) {
-            [ext_shape, fst_shape, chunk_shape, dev_shape] = new_shapes;
-            continue;
-        }
-
-        // Converged: fill in the trees whose items depend on the final layout.
-        let min_total = layout_end + space::round_up(opts.extra_space, SECTOR_SIZE);
-        let total_bytes = match opts.size {
-            Some(s) if s < min_total => {
-                return Err(Error::msg(format!(
-                    "--size {} is too small: the content needs {} bytes",
-                    s, min_total
-                )))
-            }
-            Some(s) => s / SECTOR_SIZE * SECTOR_SIZE,
-            None => min_total,
-        };
-        let dev_item = DevItem {
-            devid: 1,
-            total_bytes,
-            bytes_used: chunks
-                .iter()
-                .map(|c| c.length * c.stripes.len() as u64)
-                .sum(),
-            sector_size: SECTOR_SIZE as u32,
-            uuid: dev_uuid,
-            fsid,
-        };
-        let infos: [trees::RootInfo; 9] = std::array::from_fn(|t| trees::RootInfo {
-            bytenr: *addrs[t].last().and_then(|l| l.first()).unwrap_or(&0),
-            level: shapes[t].root_level(),
-            blocks: shapes[t].blocks() as u64,
-        });
-        let chunk_items = trees::chunk_tree(dev_item, &chunks);
-        let dev_items = trees::dev_tree(&chunks, chunk_tree_uuid);
-        let root_items = trees::root_tree(&root_input(&infos));
-        debug_assert_eq!(pack(&chunk_items, nodesize), chunk_shape);
-        debug_assert_eq!(pack(&dev_items, nodesize), dev_shape);
-        debug_assert_eq!(pack(&root_items, nodesize), root_shape);
-
-        let shapes_owned = [
-            fs_shape.clone(),
-            csum_shape.clone(),
-            ext_shape.clone(),
-            fst_shape.clone(),
-            dev_shape.clone(),
-            uuid_shape.clone(),
-            reloc_shape.clone(),
-            root_shape.clone(),
-            chunk_shape.clone(),
-        ];
-        let sources: [Box<dyn ItemSource>; 9] = [
-            Box::new(fs),
-            Box::new(csum),
-            Box::new(ext_items),
-            Box::new(fst_items),
-            Box::new(dev_items),
-            Box::new(uuid_items),
-            Box::new(reloc_items),
-            Box::new(root_items),
-            Box::new(chunk_items),
-        ];
-        let trees: Vec<TreePlan> = sources
-            .into_iter()
-            .zip(shapes_owned)
-            .zip(addrs)
-            .enumerate()
-            .map(|(t, ((items, shape), addrs))| TreePlan {
-                owner: OWNERS[t],
-                items,
-                shape,
-                addrs,
-            })
-            .collect();
-        let mut block_refs: Vec<BlockRef> = trees
-            .iter()
-            .enumerate()
-            .flat_map(|(t, tp)| {
-                tp.addrs.iter().enumerate().flat_map(move |(level, l)| {
-                    l.iter().enumerate().map(move |(idx, &logical)| BlockRef {
-                        logical,
-                        tree: t as u8,
-                        level: level as u8,
-                        idx: idx as u32,
-                    })
-                })
-            })
-            .collect();
-        block_refs.sort_by_key(|b| b.logical);
-
-        let bytes_used = chunks.iter().map(|c| c.used).sum();
-        let sys_chunks = chunks
-            .iter()
-            .filter(|c| c.ty & BLOCK_GROUP_SYSTEM != 0)
-            .map(|c| (c.logical, trees::chunk_item(c, dev_uuid)))
-            .collect();
-        let superblock = Superblock {
-            fsid,
-            generation: g,
-            root: trees[T_ROOT].root(),
-            chunk_root: trees[T_CHUNK].root(),
-            extent_root: trees[T_EXTENT].root(),
-            fs_root: trees[T_FS].root(),
-            dev_root: trees[T_DEV].root(),
-            csum_root: trees[T_CSUM].root(),
-            total_bytes,
-            bytes_used,
-            sectorsize: SECTOR_SIZE as u32,
-            nodesize,
-            compat_ro_flags: COMPAT_RO_FREE_SPACE_TREE | COMPAT_RO_FREE_SPACE_TREE_VALID,
-            incompat_flags: INCOMPAT_MIXED_BACKREF
-                | INCOMPAT_EXTENDED_IREF
-                | INCOMPAT_SKINNY_METADATA
-                | INCOMPAT_NO_HOLES
-                | if nodesize as u64 > 4096 {
-                    INCOMPAT_BIG_METADATA
-                } else {
-                    0
-                },
-            dev_item,
-            label: opts.label.clone(),
-            sys_chunks,
-        };
-        let regions = space::regions(&chunks, total_bytes);
-        return Ok(Plan {
-            nodesize,
-            generation: g,
-            fsid,
-            chunk_tree_uuid,
-            source: tree,
-            extents,
-            trees,
-            blocks: block_refs,
-            chunks,
-            regions,
-            superblock,
-            total_bytes,
-            data_start,
-            data_sectors: (data_end - data_start) / SECTOR_SIZE,
-        });
-    }
-    Err(Error::msg(
-        "internal error: metadata layout did not converge",
-    ))
+    assemble(Assembly {
+        opts,
+        ids,
+        tree,
+        data,
+        layout,
+        total_bytes,
+        fs,
+        csum,
+        uuid_items,
+        reloc_items,
+        rooted,
+    })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The root tree's items for trees whose roots are at `infos`.
+fn root_tree(
+    opts: &Options,
+    fs_uuid: [u8; 16],
+    infos: &[(TreeId, trees::RootInfo)],
+) -> items::VecItems {
+    trees::root_tree(&trees::RootTreeInput {
+        generation: GENERATION,
+        nodesize: opts.nodesize,
+        time: Timespec {
+            sec: opts.timestamp,
+            nsec: 0,
+        },
+        roots: infos,
+        fs_uuid,
+    })
+}
 
-    #[test]
-    fn xattrs_sharing_a_hash_must_fit_one_item_together() {
-        let max = max_item_size(16384);
-        // "user.c1371838" and "user.c2000402" have the same name hash.
-        let (a, b): (&[u8], &[u8]) = (b"user.c1371838", b"user.c2000402");
-        assert_eq!(hash::name_hash(a), hash::name_hash(b));
-        let v = vec![7u8; 9000];
-        // Alone, each fits; another name with a different hash does not matter.
-        assert!(
-            oversized_xattr_item([(a, &v[..]), (&b"user.x"[..], &v[..])].into_iter(), max)
-                .is_none()
-        );
-        // Together they exceed one item.
-        let bad = oversized_xattr_item([(a, &v[..]), (b, &v[..])].into_iter(), max).unwrap();
-        assert_eq!(bad.len(), 2);
-        // Small values sharing a hash are fine.
-        assert!(oversized_xattr_item([(a, &v[..10]), (b, &v[..10])].into_iter(), max).is_none());
-        // The largest single value that fits, and one byte more.
-        let fit = max - DIR_ITEM_HEADER - a.len();
-        let big = vec![1u8; fit + 1];
-        assert!(oversized_xattr_item([(a, &big[..fit])].into_iter(), max).is_none());
-        assert_eq!(
-            oversized_xattr_item([(a, &big[..])].into_iter(), max)
-                .unwrap()
-                .len(),
-            1
-        );
-        // Names longer than 255 bytes never fit.
-        let long = vec![b'u'; 256];
-        assert!(oversized_xattr_item([(&long[..], &b""[..])].into_iter(), max).is_some());
+/// Everything the final phase puts together.
+struct Assembly<'a> {
+    opts: &'a Options,
+    ids: Ids,
+    tree: Arc<SourceTree>,
+    data: Placement,
+    layout: layout::Layout,
+    total_bytes: u64,
+    fs: FsItems,
+    csum: trees::CsumItems,
+    uuid_items: items::VecItems,
+    reloc_items: items::VecItems,
+    rooted: Vec<TreeId>,
+}
+
+/// Builds the trees that point at final addresses (chunk, root), the
+/// superblock and the region table.
+fn assemble(a: Assembly) -> Result<Plan> {
+    let nodesize = a.opts.nodesize;
+    let lay = a.layout;
+    let chunks = lay.chunks;
+    let dev_item = DevItem {
+        devid: 1,
+        total_bytes: a.total_bytes,
+        bytes_used: chunks
+            .iter()
+            .map(|c| c.length * c.stripes.len() as u64)
+            .sum(),
+        sector_size: SECTOR_SIZE as u32,
+        uuid: a.ids.device,
+        fsid: a.ids.fsid,
+    };
+    let position = |id: TreeId| {
+        lay.trees
+            .iter()
+            .position(|(t, _)| *t == id)
+            .expect("the layout has every tree")
+    };
+    let infos: Vec<(TreeId, trees::RootInfo)> = a
+        .rooted
+        .iter()
+        .map(|&id| {
+            let i = position(id);
+            let shape = &lay.trees[i].1;
+            (
+                id,
+                trees::RootInfo {
+                    bytenr: lay.addrs[i]
+                        .last()
+                        .and_then(|l| l.first())
+                        .copied()
+                        .unwrap_or(0),
+                    level: shape.root_level(),
+                    blocks: shape.blocks() as u64,
+                },
+            )
+        })
+        .collect();
+    let chunk_items = trees::chunk_tree(dev_item, &chunks);
+    let root_items = root_tree(a.opts, a.ids.fs_tree, &infos);
+    for (id, items) in [
+        (TreeId::Chunk, &chunk_items as &dyn ItemSource),
+        (TreeId::Root, &root_items),
+    ] {
+        if pack_internal(id, items, nodesize)? != lay.trees[position(id)].1 {
+            return Err(Error::msg(format!(
+                "internal error: the {} tree changed shape after layout",
+                id.name()
+            )));
+        }
     }
+
+    let mut sources: Vec<(TreeId, Box<dyn ItemSource>)> = vec![
+        (TreeId::Fs(FS_TREE), Box::new(a.fs)),
+        (TreeId::Csum, Box::new(a.csum)),
+        (TreeId::Uuid, Box::new(a.uuid_items)),
+        (TreeId::DataReloc, Box::new(a.reloc_items)),
+        (TreeId::Root, Box::new(root_items)),
+        (TreeId::Extent, Box::new(lay.extent_items)),
+        (TreeId::FreeSpace, Box::new(lay.free_space_items)),
+        (TreeId::Dev, Box::new(lay.dev_items)),
+        (TreeId::Chunk, Box::new(chunk_items)),
+    ];
+    let mut trees: Vec<TreePlan> = Vec::with_capacity(lay.trees.len());
+    for ((id, shape), addrs) in lay.trees.into_iter().zip(lay.addrs) {
+        let k = sources
+            .iter()
+            .position(|(t, _)| *t == id)
+            .expect("every laid-out tree has items");
+        let (_, items) = sources.swap_remove(k);
+        trees.push(TreePlan {
+            id,
+            items,
+            shape,
+            addrs,
+        });
+    }
+    let mut blocks: Vec<BlockRef> = trees
+        .iter()
+        .enumerate()
+        .flat_map(|(t, tp)| {
+            tp.addrs.iter().enumerate().flat_map(move |(level, l)| {
+                l.iter().enumerate().map(move |(idx, &logical)| BlockRef {
+                    logical,
+                    tree: t as u16,
+                    level: level as u8,
+                    idx: idx as u32,
+                })
+            })
+        })
+        .collect();
+    blocks.sort_by_key(|b| b.logical);
+
+    let root_of = |id: TreeId| {
+        trees
+            .iter()
+            .find(|t| t.id == id)
+            .expect("every image has this tree")
+            .root()
+    };
+    let superblock = Superblock {
+        fsid: a.ids.fsid,
+        generation: GENERATION,
+        root: root_of(TreeId::Root),
+        chunk_root: root_of(TreeId::Chunk),
+        extent_root: root_of(TreeId::Extent),
+        fs_root: root_of(TreeId::Fs(FS_TREE)),
+        dev_root: root_of(TreeId::Dev),
+        csum_root: root_of(TreeId::Csum),
+        total_bytes: a.total_bytes,
+        bytes_used: chunks.iter().map(|c| c.used).sum(),
+        sectorsize: SECTOR_SIZE as u32,
+        nodesize,
+        compat_ro_flags: COMPAT_RO_FREE_SPACE_TREE | COMPAT_RO_FREE_SPACE_TREE_VALID,
+        incompat_flags: INCOMPAT_MIXED_BACKREF
+            | INCOMPAT_EXTENDED_IREF
+            | INCOMPAT_SKINNY_METADATA
+            | INCOMPAT_NO_HOLES
+            | if nodesize as u64 > 4096 {
+                INCOMPAT_BIG_METADATA
+            } else {
+                0
+            },
+        dev_item,
+        label: a.opts.label.clone(),
+        sys_chunks: chunks
+            .iter()
+            .filter(|c| c.ty & BLOCK_GROUP_SYSTEM != 0)
+            .map(|c| (c.logical, trees::chunk_item(c, a.ids.device)))
+            .collect(),
+    };
+    let regions = space::regions(&chunks, a.total_bytes);
+    Ok(Plan {
+        nodesize,
+        generation: GENERATION,
+        fsid: a.ids.fsid,
+        chunk_tree_uuid: a.ids.chunk_tree,
+        source: a.tree,
+        extents: a.data.extents,
+        trees,
+        blocks,
+        chunks,
+        regions,
+        superblock,
+        total_bytes: a.total_bytes,
+        data_start: space::DATA_START,
+        data_sectors: (a.data.end - space::DATA_START) / SECTOR_SIZE,
+    })
 }

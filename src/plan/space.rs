@@ -1,20 +1,32 @@
 //! Chunks, where their stripes sit on the device, and the ranges that
 //! superblock mirrors take out of them.
 //!
-//! Physical order is: reserved first MiB (primary superblock), SYSTEM chunk, DATA
-//! chunks, METADATA chunk. Data comes before metadata so that a sequential reader
-//! has served (and checksummed) every data sector before it reaches the csum tree.
+//! Physical order is: reserved first MiB (primary superblock), DATA chunks,
+//! METADATA chunks, the SYSTEM chunk. Data comes before metadata so that a
+//! sequential reader has served (and checksummed) every data sector before it
+//! reaches the csum tree; the SYSTEM chunk comes last so that its size can follow
+//! the chunk tree (the number of chunks) without moving any data.
 
 use super::data::Excluded;
 use crate::format::{SECTOR_SIZE, STRIPE_LEN, SUPER_INFO_SIZE, SUPER_OFFSETS};
 
 pub const MIB: u64 = 1 << 20;
-/// SYSTEM chunk: logical = physical 1 MiB.
-pub const SYSTEM_START: u64 = MIB;
-/// The chunk tree of a fresh image is one block; the rest is room for the
-/// kernel to record new chunks after a resize (it can also add SYSTEM chunks).
-pub fn system_len(nodesize: u32) -> u64 {
-    (256 << 10).max(8 * nodesize as u64)
+/// The first MiB is reserved (boot loaders, the primary superblock); data
+/// starts right after it, logical = physical.
+pub const DATA_START: u64 = MIB;
+
+/// Free room in the SYSTEM chunk beyond the chunk tree itself: enough for the
+/// kernel to copy-on-write the chunk tree and record new chunks after a resize
+/// before it needs another SYSTEM chunk.
+pub fn system_headroom(nodesize: u32) -> u64 {
+    (256u64 << 10).max(8 * nodesize as u64) - nodesize as u64
+}
+
+/// The SYSTEM chunk at physical (= logical) `start`, sized for a chunk tree of
+/// `blocks` blocks plus headroom, around any excluded mirror ranges.
+pub fn system_chunk(start: u64, blocks: usize, dup: bool, ty: u64, nodesize: u32) -> Chunk {
+    let need = blocks as u64 * nodesize as u64 + system_headroom(nodesize);
+    metadata_chunk(start, need, dup, ty, u64::MAX)
 }
 /// Largest DATA chunk (what the kernel allocates on a large device).
 pub const DATA_CHUNK_MAX: u64 = 1 << 30;
@@ -93,7 +105,7 @@ pub fn data_chunks(
         let len = (end - s).min(DATA_CHUNK_MAX);
         let mut used = 0;
         while e_idx < extents.len() && extents[e_idx].logical < s + len {
-            used += extents[e_idx].len;
+            used += extents[e_idx].size();
             e_idx += 1;
         }
         chunks.push(Chunk {

@@ -5,6 +5,7 @@
 use super::data::DataExtent;
 use super::items::{Body, Item, ItemSource, VecItems};
 use super::space::Chunk;
+use super::tree_id::TreeId;
 use crate::format::hash::name_hash;
 use crate::format::items::{ChunkItem, DevExtent, DevItem, InodeItem, RootItem, Stripe};
 use crate::format::*;
@@ -15,7 +16,8 @@ use std::sync::Arc;
 pub struct BlockInfo {
     pub logical: u64,
     pub level: u8,
-    pub owner: u64,
+    /// Index of the block's tree in the plan's tree table.
+    pub owner: u16,
 }
 
 pub fn chunk_item(c: &Chunk, dev_uuid: [u8; 16]) -> ChunkItem {
@@ -123,18 +125,14 @@ pub struct RootInfo {
     pub blocks: u64,
 }
 
-pub struct RootTreeInput {
+pub struct RootTreeInput<'a> {
     pub generation: u64,
     pub nodesize: u32,
     pub time: Timespec,
+    /// Every tree that has a ROOT_ITEM, with where its root block is.
+    pub roots: &'a [(TreeId, RootInfo)],
+    /// UUID of the top-level fs tree.
     pub fs_uuid: [u8; 16],
-    pub extent: RootInfo,
-    pub dev: RootInfo,
-    pub fs: RootInfo,
-    pub csum: RootInfo,
-    pub uuid: RootInfo,
-    pub free_space: RootInfo,
-    pub reloc: RootInfo,
 }
 
 pub fn root_tree(r: &RootTreeInput) -> VecItems {
@@ -148,36 +146,42 @@ pub fn root_tree(r: &RootTreeInput) -> VecItems {
         mode: 0o40755,
         ..Default::default()
     };
-    let root = |info: RootInfo, dirid: u64| RootItem {
-        inode: embedded,
-        generation: g,
-        root_dirid: dirid,
-        bytenr: info.bytenr,
-        bytes_used: info.blocks * r.nodesize as u64,
-        refs: 1,
-        level: info.level,
-        ..Default::default()
-    };
-    let item = |id: u64, ri: RootItem| Item {
-        key: Key::new(id, ROOT_ITEM_KEY, 0),
-        body: Body::Root(ri),
-    };
-    let fs_root = RootItem {
-        uuid: r.fs_uuid,
-        ctransid: g,
-        otransid: g,
-        ctime: r.time,
-        otime: r.time,
-        ..root(r.fs, FIRST_FREE_OBJECTID)
-    };
-    VecItems(vec![
-        item(EXTENT_TREE, root(r.extent, 0)),
-        item(DEV_TREE, root(r.dev, 0)),
+    let mut v: Vec<Item<'static>> = Vec::new();
+    for &(id, info) in r.roots {
+        let mut ri = RootItem {
+            inode: embedded,
+            generation: g,
+            root_dirid: 0,
+            bytenr: info.bytenr,
+            bytes_used: info.blocks * r.nodesize as u64,
+            refs: 1,
+            level: info.level,
+            ..Default::default()
+        };
+        match id {
+            TreeId::Fs(_) => {
+                ri.root_dirid = FIRST_FREE_OBJECTID;
+                ri.uuid = r.fs_uuid;
+                ri.ctransid = g;
+                ri.otransid = g;
+                ri.ctime = r.time;
+                ri.otime = r.time;
+            }
+            TreeId::DataReloc => ri.root_dirid = FIRST_FREE_OBJECTID,
+            _ => {}
+        }
+        v.push(Item {
+            key: Key::new(id.objectid(), ROOT_ITEM_KEY, 0),
+            body: Body::Root(ri),
+        });
+    }
+    // The root tree's directory (6) holding "default", the top-level fs tree,
+    // as mkfs writes it.
+    v.extend([
         Item {
             key: Key::new(FS_TREE, INODE_REF_KEY, ROOT_TREE_DIR),
             body: Body::InodeRef(vec![(0, b"default")]),
         },
-        item(FS_TREE, fs_root),
         Item {
             key: Key::new(ROOT_TREE_DIR, INODE_ITEM_KEY, 0),
             body: Body::Inode(empty_dir_inode(g, r.time)),
@@ -194,43 +198,95 @@ pub fn root_tree(r: &RootTreeInput) -> VecItems {
                 name: b"default",
             }]),
         },
-        item(CSUM_TREE, root(r.csum, 0)),
-        item(UUID_TREE, root(r.uuid, 0)),
-        item(FREE_SPACE_TREE, root(r.free_space, 0)),
-        item(DATA_RELOC_TREE, root(r.reloc, FIRST_FREE_OBJECTID)),
-    ])
+    ]);
+    v.sort_by_key(|i| i.key);
+    VecItems(v)
 }
 
-/// Checksum items: maximal runs of adjacent data extents, cut at chunk ends and
-/// at the kernel's per-item limit.
-pub fn csum_tree(extents: &[DataExtent], chunks: &[Chunk], nodesize: u32) -> VecItems {
-    let max = max_csums_per_item(nodesize) as u64 * SECTOR_SIZE;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let chunk_of = |l: u64| chunks.iter().position(|c| c.logical <= l && l < c.end());
+/// Checksum items, computed rather than stored: maximal runs of adjacent data
+/// extents within one chunk, each cut into items of at most the kernel's
+/// per-item count. Memory is one entry per run, whatever the amount of data.
+pub struct CsumItems {
+    /// (logical start, length, index of the run's first item).
+    runs: Vec<(u64, u64, u64)>,
+    per_item: u64,
+    items: u64,
+}
+
+/// Builds the csum items of `extents` (sorted by address) in `chunks`.
+pub fn csum_tree(extents: &[DataExtent], chunks: &[Chunk], nodesize: u32) -> CsumItems {
+    let per_item = max_csums_per_item(nodesize) as u64 * SECTOR_SIZE;
+    let mut sorted: Vec<&Chunk> = chunks.iter().collect();
+    sorted.sort_by_key(|c| c.logical);
+    let mut c = 0;
+    let mut chunk_of = |l: u64| {
+        while c + 1 < sorted.len() && sorted[c].end() <= l {
+            c += 1;
+        }
+        c
+    };
+    let mut runs: Vec<(u64, u64, usize)> = Vec::new();
     for e in extents {
+        let chunk = chunk_of(e.logical);
         match runs.last_mut() {
-            Some((s, len)) if *s + *len == e.logical && chunk_of(*s) == chunk_of(e.logical) => {
-                *len += e.len
+            Some((s, len, ch)) if *s + *len == e.logical && *ch == chunk => *len += e.size(),
+            _ => runs.push((e.logical, e.size(), chunk)),
+        }
+    }
+    let mut items = 0;
+    let runs = runs
+        .into_iter()
+        .map(|(s, len, _)| {
+            let first = items;
+            items += len.div_ceil(per_item);
+            (s, len, first)
+        })
+        .collect();
+    CsumItems {
+        runs,
+        per_item,
+        items,
+    }
+}
+
+impl CsumItems {
+    fn item(&self, run: usize, k: u64) -> Item<'static> {
+        let (s, len, _) = self.runs[run];
+        let start = s + k * self.per_item;
+        let n = (len - k * self.per_item).min(self.per_item);
+        Item {
+            key: Key::new(EXTENT_CSUM_OBJECTID, EXTENT_CSUM_KEY, start),
+            body: Body::Csum {
+                start,
+                count: (n / SECTOR_SIZE) as u32,
+            },
+        }
+    }
+}
+
+impl ItemSource for CsumItems {
+    fn count(&self) -> u64 {
+        self.items
+    }
+
+    fn iter_from(&self, start: u64) -> Box<dyn Iterator<Item = Item<'_>> + '_> {
+        let mut run = self
+            .runs
+            .partition_point(|r| r.2 <= start)
+            .saturating_sub(1);
+        let mut k = start - self.runs.get(run).map_or(0, |r| r.2);
+        Box::new(std::iter::from_fn(move || {
+            let &(_, len, _) = self.runs.get(run)?;
+            if k * self.per_item >= len {
+                run += 1;
+                k = 0;
+                self.runs.get(run)?;
             }
-            _ => runs.push((e.logical, e.len)),
-        }
+            let item = self.item(run, k);
+            k += 1;
+            Some(item)
+        }))
     }
-    let mut v = Vec::new();
-    for (mut s, mut len) in runs {
-        while len > 0 {
-            let n = len.min(max);
-            v.push(Item {
-                key: Key::new(EXTENT_CSUM_OBJECTID, EXTENT_CSUM_KEY, s),
-                body: Body::Csum {
-                    start: s,
-                    count: (n / SECTOR_SIZE) as u32,
-                },
-            });
-            s += n;
-            len -= n;
-        }
-    }
-    VecItems(v)
 }
 
 /// An extent-tree record, kept small (16 bytes) because there is one per tree
@@ -238,18 +294,23 @@ pub fn csum_tree(extents: &[DataExtent], chunks: &[Chunk], nodesize: u32) -> Vec
 /// index rather than copied.
 #[derive(Clone, Copy, Debug)]
 pub enum ExtentRec {
-    Block { logical: u64, level: u8, owner: u8 },
+    Block { logical: u64, level: u8, owner: u16 },
     Data(u32),
     Group(u32),
+}
+
+/// Which file a data extent belongs to: its fs tree and inode number.
+pub trait ExtentOwners: Send + Sync {
+    fn owner(&self, extent: u32) -> (u64, u64);
 }
 
 pub struct ExtentItems {
     recs: Vec<ExtentRec>,
     extents: Arc<Vec<DataExtent>>,
-    /// Inode number of each data extent's file.
-    ext_ino: Arc<Vec<u64>>,
+    owners: Arc<dyn ExtentOwners>,
     groups: Vec<Chunk>,
-    owners: &'static [u64],
+    /// Tree object ids, indexed by `ExtentRec::Block::owner`.
+    trees: Arc<[u64]>,
 }
 
 impl ExtentItems {
@@ -260,7 +321,7 @@ impl ExtentItems {
             }
             ExtentRec::Data(i) => {
                 let e = &self.extents[i as usize];
-                Key::new(e.logical, EXTENT_ITEM_KEY, e.len)
+                Key::new(e.logical, EXTENT_ITEM_KEY, e.size())
             }
             ExtentRec::Group(i) => {
                 let c = &self.groups[i as usize];
@@ -272,12 +333,16 @@ impl ExtentItems {
     fn item(&self, r: &ExtentRec) -> Item<'static> {
         let body = match *r {
             ExtentRec::Block { owner, .. } => Body::MetadataExtent {
-                owner: self.owners[owner as usize],
+                owner: self.trees[owner as usize],
             },
-            ExtentRec::Data(i) => Body::DataExtent {
-                ino: self.ext_ino[i as usize],
-                offset: self.extents[i as usize].file_offset,
-            },
+            ExtentRec::Data(i) => {
+                let (root, ino) = self.owners.owner(i);
+                Body::DataExtent {
+                    root,
+                    ino,
+                    offset: self.extents[i as usize].file_offset,
+                }
+            }
             ExtentRec::Group(i) => {
                 let c = &self.groups[i as usize];
                 Body::BlockGroup {
@@ -302,29 +367,29 @@ impl ItemSource for ExtentItems {
     }
 }
 
-/// `ext_ino[i]` is the inode number owning data extent `i`; `owners[b.owner]`
-/// is the tree id of a block.
+/// The extent tree: every tree block, data extent and block group.
+/// `trees[b.owner]` is the object id of block `b`'s tree.
 pub fn extent_tree(
     blocks: &[BlockInfo],
     extents: &Arc<Vec<DataExtent>>,
-    ext_ino: &Arc<Vec<u64>>,
+    owners: &Arc<dyn ExtentOwners>,
     chunks: &[Chunk],
-    owners: &'static [u64],
+    trees: &Arc<[u64]>,
 ) -> ExtentItems {
     let mut recs: Vec<ExtentRec> = Vec::with_capacity(blocks.len() + extents.len() + chunks.len());
     recs.extend(blocks.iter().map(|b| ExtentRec::Block {
         logical: b.logical,
         level: b.level,
-        owner: owners.iter().position(|&o| o == b.owner).unwrap_or(0) as u8,
+        owner: b.owner,
     }));
     recs.extend((0..extents.len() as u32).map(ExtentRec::Data));
     recs.extend((0..chunks.len() as u32).map(ExtentRec::Group));
     let mut items = ExtentItems {
         recs: Vec::new(),
         extents: extents.clone(),
-        ext_ino: ext_ino.clone(),
+        owners: owners.clone(),
         groups: chunks.to_vec(),
-        owners,
+        trees: trees.clone(),
     };
     recs.sort_unstable_by_key(|r| items.key(r));
     items.recs = recs;
@@ -343,7 +408,7 @@ pub fn free_space_tree(
     let mut used: Vec<(u64, u64)> = blocks
         .iter()
         .map(|b| (b.logical, nodesize as u64))
-        .chain(extents.iter().map(|e| (e.logical, e.len)))
+        .chain(extents.iter().map(|e| (e.logical, e.size())))
         .collect();
     used.sort_unstable();
     let mut sorted: Vec<&Chunk> = chunks.iter().collect();

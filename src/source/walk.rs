@@ -35,7 +35,7 @@ enum Contrib {
 }
 
 /// Where one name of a directory comes from.
-enum Origin {
+enum EntryOrigin {
     /// Listed from the listing's host directory number `dir`.
     Listed {
         dir: usize,
@@ -48,7 +48,7 @@ enum Origin {
 /// One name from one contributor, with everything the tree needs about it.
 struct Entry {
     name: Vec<u8>,
-    origin: Origin,
+    origin: EntryOrigin,
     stat: Option<Stat>,
     target: Vec<u8>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
@@ -114,27 +114,21 @@ pub fn walk(sources: &Sources, opts: &WalkOptions) -> Result<SourceTree> {
         contribs.push(Contrib::Host(f.clone()));
     }
     let mut b = Builder {
-        tree: SourceTree {
-            nodes: Vec::new(),
-            dirs: Vec::new(),
-            host_paths: BTreeMap::new(),
-            names: Vec::new(),
-            blobs: Vec::new(),
-            xattrs: Vec::new(),
-            segments: Vec::new(),
-        },
+        tree: SourceTree::new(super::Origin::Host(HostPaths::default())),
         links: HashMap::new(),
         opts: opts.clone(),
         pending: VecDeque::new(),
     };
     match (&sources.root, root_stat) {
         (Some(r), Some(st)) => {
-            let e = read_entry(r, b"", Origin::Graft(r.clone()), opts.xattrs)?;
+            let e = read_entry(r, b"", EntryOrigin::Graft(r.clone()), opts.xattrs)?;
             debug_assert!(e.stat.is_some_and(|s| s.mode == st.mode));
-            b.push_entry(NONE, NONE, e);
-            b.tree.host_paths.insert(0, r.clone());
+            b.push_entry(NONE, NONE, e)?;
+            b.host_paths().graft(0, r.clone());
         }
-        _ => b.push_virtual_dir(NONE, b""),
+        _ => {
+            b.push_virtual_dir(NONE, b"")?;
+        }
     }
     b.pending.push_back((0, contribs));
 
@@ -152,9 +146,7 @@ pub fn walk(sources: &Sources, opts: &WalkOptions) -> Result<SourceTree> {
             b.merge(*n, listing?)?;
         }
     }
-    b.tree.nodes.shrink_to_fit();
-    b.tree.names.shrink_to_fit();
-    b.tree.blobs.shrink_to_fit();
+    b.tree.shrink_to_fit();
     Ok(b.tree)
 }
 
@@ -213,14 +205,14 @@ fn list(contribs: &[Contrib], xattrs: bool) -> Result<Listing> {
                     l.entries.push(match e {
                         VEntry::Dir(d) => Entry {
                             name: name.clone(),
-                            origin: Origin::Virtual(d.clone()),
+                            origin: EntryOrigin::Virtual(d.clone()),
                             stat: None,
                             target: Vec::new(),
                             xattrs: Vec::new(),
                             segments: None,
                         },
                         VEntry::Host(path) => {
-                            read_entry(path, name, Origin::Graft(path.clone()), xattrs)?
+                            read_entry(path, name, EntryOrigin::Graft(path.clone()), xattrs)?
                         }
                     });
                 }
@@ -256,7 +248,7 @@ fn read_listed(d: &Dir, dir: &Path, name: Vec<u8>, idx: usize, xattrs: bool) -> 
     let st = d.lstat(&name).map_err(|e| Error::io(&full(), e))?;
     let mut e = Entry {
         name: Vec::new(),
-        origin: Origin::Listed { dir: idx },
+        origin: EntryOrigin::Listed { dir: idx },
         stat: Some(st),
         target: Vec::new(),
         xattrs: Vec::new(),
@@ -281,7 +273,7 @@ fn read_listed(d: &Dir, dir: &Path, name: Vec<u8>, idx: usize, xattrs: bool) -> 
 }
 
 /// A host path read on its own (ROOT, grafts).
-fn read_entry(path: &Path, name: &[u8], origin: Origin, xattrs: bool) -> Result<Entry> {
+fn read_entry(path: &Path, name: &[u8], origin: EntryOrigin, xattrs: bool) -> Result<Entry> {
     let st = sys::lstat(path).map_err(|e| Error::io(path, e))?;
     let mut e = Entry {
         name: name.to_vec(),
@@ -320,32 +312,44 @@ fn read_entry(path: &Path, name: &[u8], origin: Origin, xattrs: bool) -> Result<
 }
 
 impl Builder {
-    /// Adds the entries of directory node `n` (all contributors merged by name).
-    fn merge(&mut self, n: u32, mut l: Listing) -> Result<()> {
-        let base = self.tree.dirs.len() as u32;
-        self.tree.dirs.append(&mut l.host_dirs);
-        // Stable: for equal names, contributors keep their order (ROOT, closure, --files).
-        l.entries.sort_by(|a, b| a.name.cmp(&b.name));
+    fn host_paths(&mut self) -> &mut HostPaths {
+        self.tree
+            .host_paths_mut()
+            .expect("the walk builds a host tree")
+    }
 
-        let first = self.tree.nodes.len();
+    fn dir_path(&mut self, i: u32) -> PathBuf {
+        self.host_paths().dir(i).to_path_buf()
+    }
+
+    /// Adds the entries of directory node `n` (all contributors merged by name).
+    fn merge(&mut self, n: u32, l: Listing) -> Result<()> {
+        let mut base = NONE;
+        for (i, d) in l.host_dirs.into_iter().enumerate() {
+            let idx = self.host_paths().add_dir(d)?;
+            if i == 0 {
+                base = idx;
+            }
+        }
+        let mut entries = l.entries;
+        // Stable: for equal names, contributors keep their order (ROOT, closure, --files).
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+
+        let first = self.tree.len() as u32;
         let mut groups: Vec<Vec<Entry>> = Vec::new();
-        for e in l.entries {
+        for e in entries {
             match groups.last_mut() {
                 Some(g) if g[0].name == e.name => g.push(e),
                 _ => groups.push(vec![e]),
             }
         }
-        if first + groups.len() >= NONE as usize {
-            return Err(Error::at(
-                &self.tree.path(n),
-                "too many entries in the tree",
-            ));
-        }
         let count = groups.len() as u32;
         for group in groups {
             // Directories merge, except grafted ones: a store path is sealed, and
             // anything added to it would break its registered NAR hash.
-            let sealed = group.iter().any(|e| matches!(e.origin, Origin::Graft(_)));
+            let sealed = group
+                .iter()
+                .any(|e| matches!(e.origin, EntryOrigin::Graft(_)));
             if group.len() > 1 && (sealed || !group.iter().all(Entry::is_dir)) {
                 return Err(self.conflict(n, &group, base));
             }
@@ -357,159 +361,99 @@ impl Builder {
                     continue;
                 }
                 children.push(match &e.origin {
-                    Origin::Listed { dir } => {
-                        Contrib::Host(self.tree.dirs[base as usize + dir].join(sys::os(&e.name)))
+                    EntryOrigin::Listed { dir } => {
+                        Contrib::Host(self.dir_path(base + *dir as u32).join(sys::os(&e.name)))
                     }
-                    Origin::Graft(p) => Contrib::Host(p.clone()),
-                    Origin::Virtual(d) => Contrib::Virtual(d.clone()),
+                    EntryOrigin::Graft(p) => Contrib::Host(p.clone()),
+                    EntryOrigin::Virtual(d) => Contrib::Virtual(d.clone()),
                 });
             }
-            let idx = self.tree.nodes.len() as u32;
             let is_dir = head.is_dir();
-            match head.origin {
-                Origin::Virtual(_) => self.push_virtual_dir(n, &head.name),
-                Origin::Listed { dir } => self.push_entry(n, base + dir as u32, head),
-                Origin::Graft(ref p) => {
+            let idx = match head.origin {
+                EntryOrigin::Virtual(_) => self.push_virtual_dir(n, &head.name)?,
+                EntryOrigin::Listed { dir } => self.push_entry(n, base + dir as u32, head)?,
+                EntryOrigin::Graft(ref p) => {
                     let p = p.clone();
-                    self.push_entry(n, NONE, head);
-                    self.tree.host_paths.insert(idx, p);
+                    let idx = self.push_entry(n, NONE, head)?;
+                    self.host_paths().graft(idx, p);
+                    idx
                 }
-            }
+            };
             if is_dir {
                 self.pending.push_back((idx, children));
             }
         }
-        let node = &mut self.tree.nodes[n as usize];
-        node.a = first as u32;
-        node.b = count;
+        self.tree.set_children(n, first, count);
         Ok(())
     }
 
     /// The error for two sources providing the same non-directory path.
-    fn conflict(&self, parent: u32, group: &[Entry], base: u32) -> Error {
-        let describe = |e: &Entry| match &e.origin {
-            Origin::Listed { dir } => self.tree.dirs[base as usize + dir]
+    fn conflict(&mut self, parent: u32, group: &[Entry], base: u32) -> Error {
+        let mut describe = |e: &Entry| match &e.origin {
+            EntryOrigin::Listed { dir } => self
+                .dir_path(base + *dir as u32)
                 .join(sys::os(&e.name))
                 .display()
                 .to_string(),
-            Origin::Graft(p) => p.display().to_string(),
-            Origin::Virtual(_) => "a directory created for the closure".to_string(),
+            EntryOrigin::Graft(p) => p.display().to_string(),
+            EntryOrigin::Virtual(_) => "a directory created for the closure".to_string(),
         };
+        let (a, b) = (describe(&group[0]), describe(&group[1]));
         let mut image = self.tree.image_path(parent);
         image.push(sys::os(&group[0].name));
-        Error::at(
-            &image,
-            format!(
-                "provided by both {} and {}",
-                describe(&group[0]),
-                describe(&group[1])
-            ),
-        )
-    }
-
-    fn new_node(&mut self, parent: u32, host_dir: u32, name: &[u8], kind: Kind) -> Node {
-        let idx = self.tree.nodes.len() as u32;
-        let name_off = self.tree.names.len() as u32;
-        self.tree.names.extend_from_slice(name);
-        Node {
-            parent,
-            host_dir,
-            name_off,
-            name_len: name.len() as u16,
-            kind,
-            mode: 0,
-            uid: 0,
-            gid: 0,
-            mtime: Timespec::default(),
-            host_ctime: Timespec::default(),
-            size: 0,
-            link_rep: idx,
-            xattr_start: self.tree.xattrs.len() as u32,
-            xattr_count: 0,
-            wide: 0,
-            a: NONE,
-            b: 0,
-        }
+        Error::at(&image, format!("provided by both {a} and {b}"))
     }
 
     /// A directory that exists only in the image: root-owned, 0755, `--timestamp`.
-    fn push_virtual_dir(&mut self, parent: u32, name: &[u8]) {
-        let mut node = self.new_node(parent, NONE, name, Kind::Dir);
-        node.mode = libc::S_IFDIR | 0o755;
-        node.mtime = Timespec {
+    fn push_virtual_dir(&mut self, parent: u32, name: &[u8]) -> Result<u32> {
+        let mut n = NewNode::new(Kind::Dir, 0o755);
+        n.mtime = Timespec {
             sec: self.opts.virtual_time,
             nsec: 0,
         };
-        node.host_ctime = node.mtime;
-        self.tree.nodes.push(node);
+        self.tree.push(parent, name, n)
     }
 
-    fn push_entry(&mut self, parent: u32, host_dir: u32, e: Entry) {
+    fn push_entry(&mut self, parent: u32, host_dir: u32, e: Entry) -> Result<u32> {
         let Some(st) = e.stat else {
             return self.push_virtual_dir(parent, &e.name);
         };
-        let idx = self.tree.nodes.len() as u32;
-        let kind = match st.file_type() {
-            libc::S_IFDIR => Kind::Dir,
-            libc::S_IFREG => Kind::File,
-            libc::S_IFLNK => Kind::Symlink,
-            libc::S_IFIFO => Kind::Fifo,
-            libc::S_IFSOCK => Kind::Socket,
-            libc::S_IFCHR => Kind::CharDev,
-            _ => Kind::BlockDev,
-        };
-        let mut node = self.new_node(parent, host_dir, &e.name, kind);
+        let idx = self.tree.len() as u32;
+        let kind = Kind::from_mode(st.mode).unwrap_or(Kind::BlockDev);
+        let mut n = NewNode::new(kind, st.mode);
         if kind != Kind::Dir && st.nlink > 1 {
-            node.link_rep = *self.links.entry((st.dev, st.ino)).or_insert(idx);
+            let rep = *self.links.entry((st.dev, st.ino)).or_insert(idx);
+            n.link_rep = (rep != idx).then_some(rep);
         }
-        node.mode = st.mode;
-        node.uid = st.uid;
-        node.gid = st.gid;
-        node.mtime = Timespec {
+        n.uid = st.uid;
+        n.gid = st.gid;
+        n.mtime = Timespec {
             sec: st.mtime.0,
             nsec: st.mtime.1,
         };
-        node.host_ctime = Timespec {
-            sec: st.ctime.0,
-            nsec: st.ctime.1,
-        };
+        n.host = host_dir;
+        n.xattrs = &e.xattrs;
         match kind {
             Kind::File => {
-                node.size = st.size;
-                let whole = [Segment {
-                    offset: 0,
-                    len: st.size,
-                }];
-                let segs = e.segments.filter(|s| s[..] != whole);
-                if let (Some(segs), true) = (segs, node.link_rep == idx) {
-                    node.a = self.tree.segments.len() as u32;
-                    node.b = segs.len() as u32;
-                    self.tree.segments.extend(segs);
-                }
+                n.size = st.size;
+                n.segments = e.segments.as_deref();
+                n.identity = Some(Identity {
+                    dev: st.dev,
+                    ino: st.ino,
+                    ctime: Timespec {
+                        sec: st.ctime.0,
+                        nsec: st.ctime.1,
+                    },
+                });
             }
-            Kind::Symlink => {
-                node.size = e.target.len() as u64;
-                node.wide = self.tree.blobs.len() as u64;
-                node.b = e.target.len() as u32;
-                self.tree.blobs.extend_from_slice(&e.target);
-            }
+            Kind::Symlink => n.target = &e.target,
             Kind::CharDev | Kind::BlockDev => {
                 let (major, minor) = (libc::major(st.rdev) as u64, libc::minor(st.rdev) as u64);
-                node.wide = (major << 20) | minor;
+                n.rdev = (major << 20) | minor;
             }
             _ => {}
         }
-        node.xattr_count = e.xattrs.len() as u32;
-        for (name, value) in e.xattrs {
-            self.tree.xattrs.push(XattrRef {
-                off: self.tree.blobs.len() as u64,
-                name_len: name.len() as u32,
-                value_len: value.len() as u32,
-            });
-            self.tree.blobs.extend_from_slice(&name);
-            self.tree.blobs.extend_from_slice(&value);
-        }
-        self.tree.nodes.push(node);
+        self.tree.push(parent, &e.name, n)
     }
 }
 
@@ -575,7 +519,7 @@ mod tests {
         let tree = walk_dir(dir.path(), &WalkOptions::default()).unwrap();
         let n = tree.children(0).start;
         assert_eq!(
-            tree.segments(n),
+            tree.segments(n).iter().collect::<Vec<_>>(),
             vec![Segment {
                 offset: 4096,
                 len: 4096

@@ -2518,7 +2518,7 @@ pub fn file_data_ranges(plan: &btrfsimg::plan::Plan, image_path: &str) -> Vec<(u
     let mut out = Vec::new();
     for e in plan.extents.iter().filter(|e| e.node == node) {
         let mut l = e.logical;
-        while l < e.logical + e.len {
+        while l < e.end() {
             let r = plan
                 .regions
                 .iter()
@@ -2531,7 +2531,7 @@ pub fn file_data_ranges(plan: &btrfsimg::plan::Plan, image_path: &str) -> Vec<(u
                     _ => None,
                 })
                 .unwrap_or_else(|| panic!("logical {l} of {image_path} is not mapped"));
-            let n = (e.logical + e.len).min(r.1) - l;
+            let n = (e.end()).min(r.1) - l;
             out.push((r.0, n));
             l += n;
         }

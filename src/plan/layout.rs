@@ -1,0 +1,294 @@
+//! The metadata layout: where every tree block goes, found as a fixed point.
+//!
+//! The extent and free-space trees describe every tree block, their own too,
+//! and the chunk and dev trees list the chunks, whose number follows from the
+//! number of blocks; the SYSTEM chunk grows with the chunk tree. So the shapes
+//! of those four trees are guessed, the blocks placed, the four trees built
+//! from the placement and packed again, until nothing changes (two or three
+//! rounds). Everything here is a pure function of its input.
+
+use super::data::DataExtent;
+use super::items::VecItems;
+use super::pack::{pack, Shape};
+use super::space::{self, Chunk};
+use super::tree_id::TreeId;
+use super::trees::{self, BlockInfo, ExtentItems, ExtentOwners};
+use crate::error::{Error, Result};
+use crate::format::items::DevItem;
+use crate::format::*;
+use std::sync::Arc;
+
+pub struct LayoutInput<'a> {
+    pub nodesize: u32,
+    pub dup: bool,
+    /// Keep free metadata for a first read-write mount (see `metadata_slack`).
+    pub rw_slack: bool,
+    /// Where metadata starts (physical = logical): the end of the data chunks.
+    pub meta_start: u64,
+    pub data_chunks: &'a [Chunk],
+    pub extents: &'a Arc<Vec<DataExtent>>,
+    pub owners: &'a Arc<dyn ExtentOwners>,
+    /// The trees whose shapes do not depend on the layout, in allocation order.
+    pub fixed: &'a [(TreeId, Shape)],
+    pub chunk_tree_uuid: [u8; 16],
+}
+
+/// The converged layout.
+pub struct Layout {
+    /// Every chunk, sorted by logical address: data, metadata, system.
+    pub chunks: Vec<Chunk>,
+    /// Every tree, in allocation order: the fixed ones, then extent,
+    /// free-space, dev, and the chunk tree (in the SYSTEM chunk).
+    pub trees: Vec<(TreeId, Shape)>,
+    /// `addrs[t][level][i]`: logical address of block `i` of that level of tree `t`.
+    pub addrs: Vec<Vec<Vec<u64>>>,
+    pub extent_items: ExtentItems,
+    pub free_space_items: VecItems,
+    pub dev_items: VecItems,
+    /// Physical end of the last chunk stripe.
+    pub end: u64,
+}
+
+/// Metadata headroom so the image, at its exact size, can be mounted read-write
+/// and take its first writes without any unallocated space: the kernel's global
+/// block reserve (measured on Linux 6.18: 5.5 MiB = 22 "insert units" of
+/// nodesize × 8 levels × 2 for a small 16 KiB-node image; it grows with the
+/// extent, csum and free-space trees, and the kernel caps it at 512 MiB) plus
+/// 20 units of working room for the first transactions (16 was measured to be
+/// enough, 14 not).
+pub fn metadata_slack(nodesize: u32, self_trees_blocks: u64) -> u64 {
+    const GLOBAL_RESERVE_CAP: u64 = 512 << 20;
+    let unit = nodesize as u64 * MAX_LEVEL as u64 * 2;
+    let global = (self_trees_blocks * nodesize as u64)
+        .max(22 * unit)
+        .min(GLOBAL_RESERVE_CAP);
+    global + 20 * unit
+}
+
+/// The four trees the fixed point solves for, in allocation order after the fixed ones.
+const SOLVED: [TreeId; 4] = [
+    TreeId::Extent,
+    TreeId::FreeSpace,
+    TreeId::Dev,
+    TreeId::Chunk,
+];
+
+fn ty(base: u64, dup: bool) -> u64 {
+    base | if dup { BLOCK_GROUP_DUP } else { 0 }
+}
+
+pub fn solve(input: &LayoutInput) -> Result<Layout> {
+    let n64 = input.nodesize as u64;
+    let mut solved: [Shape; 4] = std::array::from_fn(|_| Shape::empty());
+    let tree_ids: Vec<TreeId> = input
+        .fixed
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(SOLVED)
+        .collect();
+    let owners: Arc<[u64]> = tree_ids.iter().map(|t| t.objectid()).collect();
+    if tree_ids.len() > u16::MAX as usize {
+        return Err(Error::msg("too many trees"));
+    }
+    for _round in 0..64 {
+        let shapes: Vec<&Shape> = input
+            .fixed
+            .iter()
+            .map(|(_, s)| s)
+            .chain(solved.iter())
+            .collect();
+        let meta_blocks: u64 = shapes[..shapes.len() - 1]
+            .iter()
+            .map(|s| s.blocks() as u64)
+            .sum();
+        let slack = if input.rw_slack {
+            let own = |id: TreeId| {
+                tree_ids
+                    .iter()
+                    .position(|&t| t == id)
+                    .map_or(0, |i| shapes[i].blocks() as u64)
+            };
+            metadata_slack(
+                input.nodesize,
+                own(TreeId::Extent) + own(TreeId::Csum) + own(TreeId::FreeSpace),
+            )
+        } else {
+            0
+        };
+        let mut metas = space::metadata_chunks(
+            input.meta_start,
+            meta_blocks * n64 + slack,
+            input.dup,
+            ty(BLOCK_GROUP_METADATA, input.dup),
+        );
+        let meta_end = metas.last().map_or(input.meta_start, |m| {
+            m.stripes.last().copied().unwrap_or(0) + m.length
+        });
+        let chunk_blocks = shapes[shapes.len() - 1].blocks();
+        let mut system = space::system_chunk(
+            meta_end,
+            chunk_blocks,
+            input.dup,
+            ty(BLOCK_GROUP_SYSTEM, input.dup),
+            input.nodesize,
+        );
+        let end = system.stripes.last().copied().unwrap_or(meta_end) + system.length;
+
+        // Addresses: each tree's leaves first, then each node level, root last.
+        let mut blocks: Vec<BlockInfo> = Vec::new();
+        let mut addrs: Vec<Vec<Vec<u64>>> = Vec::with_capacity(shapes.len());
+        let mut meta_slots = Slots::new(&mut metas, n64);
+        let mut sys_slots = Slots::new(std::slice::from_mut(&mut system), n64);
+        for (t, s) in shapes.iter().enumerate() {
+            let slots = if tree_ids[t].in_system_chunk() {
+                &mut sys_slots
+            } else {
+                &mut meta_slots
+            };
+            let mut per_level = Vec::with_capacity(s.levels.len());
+            for (level, l) in s.levels.iter().enumerate() {
+                let mut v = Vec::with_capacity(l.len());
+                for _ in 0..l.len() {
+                    let a = slots
+                        .next()
+                        .expect("metadata chunks are sized for every block");
+                    v.push(a);
+                    blocks.push(BlockInfo {
+                        logical: a,
+                        level: level as u8,
+                        owner: t as u16,
+                    });
+                }
+                per_level.push(v);
+            }
+            addrs.push(per_level);
+        }
+        meta_slots.finish();
+        sys_slots.finish();
+
+        let mut chunks: Vec<Chunk> = input
+            .data_chunks
+            .iter()
+            .cloned()
+            .chain(metas)
+            .chain(std::iter::once(system))
+            .collect();
+        chunks.sort_by_key(|c| c.logical);
+
+        let extent_items =
+            trees::extent_tree(&blocks, input.extents, input.owners, &chunks, &owners);
+        let free_space_items =
+            trees::free_space_tree(&blocks, input.extents, &chunks, input.nodesize);
+        let dev_items = trees::dev_tree(&chunks, input.chunk_tree_uuid);
+        let chunk_items = trees::chunk_tree(DevItem::default(), &chunks);
+        let internal = |t: TreeId| {
+            move |o: super::pack::Oversized| {
+                Error::msg(format!(
+                    "internal error: {} tree item {:?} of {} bytes does not fit a node",
+                    t.name(),
+                    o.key,
+                    o.size
+                ))
+            }
+        };
+        let new = [
+            pack(&extent_items, input.nodesize).map_err(internal(TreeId::Extent))?,
+            pack(&free_space_items, input.nodesize).map_err(internal(TreeId::FreeSpace))?,
+            pack(&dev_items, input.nodesize).map_err(internal(TreeId::Dev))?,
+            pack(&chunk_items, input.nodesize).map_err(internal(TreeId::Chunk))?,
+        ];
+        if new != solved {
+            solved = new;
+            continue;
+        }
+        let trees = input
+            .fixed
+            .iter()
+            .cloned()
+            .chain(SOLVED.into_iter().zip(solved))
+            .collect();
+        return Ok(Layout {
+            chunks,
+            trees,
+            addrs,
+            extent_items,
+            free_space_items,
+            dev_items,
+            end,
+        });
+    }
+    Err(Error::msg(
+        "internal error: metadata layout did not converge",
+    ))
+}
+
+/// Hands out node-sized slots of a run of chunks in order, and records in
+/// each chunk how many bytes of it were handed out (`used`).
+struct Slots<'a> {
+    chunks: &'a mut [Chunk],
+    cur: usize,
+    pos: u64,
+    nodesize: u64,
+    excluded: Vec<super::data::Excluded>,
+    used: u64,
+}
+
+impl<'a> Slots<'a> {
+    fn new(chunks: &'a mut [Chunk], nodesize: u64) -> Slots<'a> {
+        let excluded = chunks.first().map(Chunk::excluded).unwrap_or_default();
+        let pos = chunks.first().map_or(0, |c| c.logical);
+        Slots {
+            chunks,
+            cur: 0,
+            pos,
+            nodesize,
+            excluded,
+            used: 0,
+        }
+    }
+
+    fn next(&mut self) -> Option<u64> {
+        loop {
+            let c = self.chunks.get(self.cur)?;
+            if self.pos + self.nodesize > c.end() {
+                self.chunks[self.cur].used = self.used;
+                self.cur += 1;
+                self.used = 0;
+                let c = self.chunks.get(self.cur)?;
+                self.pos = c.logical;
+                self.excluded = c.excluded();
+                continue;
+            }
+            let a = self.pos;
+            self.pos += self.nodesize;
+            let n = self.nodesize;
+            if self
+                .excluded
+                .iter()
+                .any(|x| a < x.start + x.len && x.start < a + n)
+            {
+                continue;
+            }
+            self.used += n;
+            return Some(a);
+        }
+    }
+
+    fn finish(self) {
+        if let Some(c) = self.chunks.get_mut(self.cur) {
+            c.used = self.used;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_reserve_is_capped() {
+        let unit = 16384u64 * 16;
+        assert_eq!(metadata_slack(16384, 1), 42 * unit);
+        assert_eq!(metadata_slack(16384, 1 << 30), (512 << 20) + 20 * unit);
+    }
+}
