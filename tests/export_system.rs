@@ -314,7 +314,7 @@ fn same_tree_other_order() {
     if !is_mkfs_mode() {
         assert_files_identical(&i1, &i2);
     } else {
-        eprintln!("SKIPPED same_tree_other_order byte comparison: mkfs mode");
+        say("SKIPPED same_tree_other_order byte comparison: mkfs mode");
     }
     assert_reproducible(&s2, &args0);
 }
@@ -433,7 +433,7 @@ fn stdout_export() {
         m.unmount();
     }
     if is_mkfs_mode() {
-        eprintln!("SKIPPED stdout_export byte comparison: mkfs mode");
+        say("SKIPPED stdout_export byte comparison: mkfs mode");
         return;
     }
     assert_files_identical(&file_img, &pipe_img);
@@ -564,7 +564,7 @@ fn no_rw_slack_and_planned_size() {
         return;
     }
     if is_mkfs_mode() {
-        eprintln!("SKIPPED no_rw_slack_and_planned_size: btrfsimg-only options");
+        say("SKIPPED no_rw_slack_and_planned_size: btrfsimg-only options");
         return;
     }
     let work = workdir("noslack");

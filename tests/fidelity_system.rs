@@ -236,6 +236,9 @@ fn hard_links() {
 
 #[test]
 fn xattrs() {
+    if !tools_available("xattrs", &["setcap", "setfacl", "getcap", "getfacl"]) {
+        return;
+    }
     if !system_tests_available("xattrs") || skip_in_mkfs_mode("xattrs") {
         return;
     }
@@ -503,6 +506,9 @@ fn special_files() {
 
 #[test]
 fn holes() {
+    if !tools_available("holes", &["mkfs.ext4"]) {
+        return;
+    }
     if !system_tests_available("holes") || skip_in_mkfs_mode("holes") {
         return;
     }

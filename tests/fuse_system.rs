@@ -33,6 +33,12 @@ fn tree_file_bytes(root: &Path) -> u64 {
 
 #[test]
 fn fuse_image_is_the_export_and_a_valid_filesystem() {
+    if !tools_available(
+        "fuse_image_is_the_export_and_a_valid_filesystem",
+        &["qemu-img", "dd"],
+    ) {
+        return;
+    }
     if !fuse_available("fuse_image_is_the_export_and_a_valid_filesystem") {
         return;
     }
@@ -44,7 +50,7 @@ fn fuse_image_is_the_export_and_a_valid_filesystem() {
     // A sequential reader makes the server read each source byte once.
     let before = m.rchar();
     run_ok(
-        Command::new("dd")
+        Command::new(tool("dd"))
             .arg(format!("if={}", m.img().display()))
             .args(["of=/dev/null", "bs=1M"]),
     );
@@ -88,13 +94,13 @@ fn fuse_image_is_the_export_and_a_valid_filesystem() {
     let qcow = work.path().join("x.qcow2");
     let raw = work.path().join("back.raw");
     run_ok(
-        Command::new("qemu-img")
+        Command::new(tool("qemu-img"))
             .args(["convert", "-O", "qcow2"])
             .arg(m.img())
             .arg(&qcow),
     );
     run_ok(
-        Command::new("qemu-img")
+        Command::new(tool("qemu-img"))
             .args(["convert", "-O", "raw"])
             .arg(&qcow)
             .arg(&raw),

@@ -418,6 +418,9 @@ fn run_case(src_root: &Path, work: &Path, seed: u64, stats: &mut Stats) {
 
 #[test]
 fn random_trees_round_trip() {
+    if !tools_available("random_trees_round_trip", &["mkfs.ext4"]) {
+        return;
+    }
     if !system_tests_available("random_trees_round_trip")
         || skip_in_mkfs_mode("random_trees_round_trip")
     {

@@ -99,6 +99,12 @@ impl std::fmt::Display for D<'_> {
 /// nothing on stdout, and leave nothing in the output directory.
 #[test]
 fn bad_inputs_fail_with_one_line_and_leave_nothing() {
+    if !tools_available(
+        "bad_inputs_fail_with_one_line_and_leave_nothing",
+        &["setpriv"],
+    ) {
+        return;
+    }
     let work = workdir("bad-input");
     let w = work.path().to_path_buf();
     chmod(&w, 0o755); // traversable for the unprivileged rows
@@ -413,7 +419,7 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
 fn check_case(c: &Case, out_dir: &Path, nodir: &Path, mnt_empty: &Path) {
     {
         let mut cmd = if c.unprivileged && is_root() {
-            let mut cmd = Command::new("setpriv");
+            let mut cmd = Command::new(tool("setpriv"));
             cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
                 .arg(btrfsimg_bin());
             cmd
@@ -1101,4 +1107,25 @@ fn relative_paths_work() {
         a == fs::read(dir.join("dot.img")).unwrap(),
         "ROOT '.' differs"
     );
+}
+
+/// A missing tool makes a test skip loudly, or fail when the system tests are
+/// required, naming the package to install; it never fails obscurely later.
+#[test]
+fn missing_tools_skip_or_fail_by_name() {
+    assert!(tools_available_as(false, "probe", &["sh"]));
+    assert!(!tools_available_as(
+        false,
+        "probe",
+        &["sh", "qemu-img-that-does-not-exist"]
+    ));
+    let r = std::panic::catch_unwind(|| {
+        tools_available_as(true, "probe", &["qemu-img-that-does-not-exist"])
+    });
+    let msg = r
+        .err()
+        .and_then(|e| e.downcast_ref::<String>().cloned())
+        .expect("required and missing: a failure");
+    assert!(msg.contains("qemu-img-that-does-not-exist"), "{msg}");
+    assert_eq!(package_of("qemu-img"), "qemu-utils");
 }

@@ -372,7 +372,7 @@ fn fuse_unmount_while_reading_ends_cleanly() {
     let stop = Arc::new(AtomicBool::new(false));
     let (h, done) = reader(m.img(), want.clone(), stop.clone(), false);
     std::thread::sleep(Duration::from_millis(300));
-    let o = run(Command::new("fusermount3").arg("-u").arg(&m.mnt));
+    let o = run(Command::new(tool("fusermount3")).arg("-u").arg(&m.mnt));
     assert!(
         !o.status.success(),
         "fusermount3 -u of a busy mount succeeded"
@@ -402,7 +402,12 @@ fn fuse_unmount_while_reading_ends_cleanly() {
     let stop = Arc::new(AtomicBool::new(false));
     let (h, done) = reader(m.img(), want.clone(), stop.clone(), false);
     std::thread::sleep(Duration::from_millis(300));
-    run_ok(Command::new("fusermount3").arg("-u").arg("-z").arg(&m.mnt));
+    run_ok(
+        Command::new(tool("fusermount3"))
+            .arg("-u")
+            .arg("-z")
+            .arg(&m.mnt),
+    );
     assert!(!is_mounted(&m.mnt));
     reads_after(&h, "after fusermount3 -u -z");
     stop.store(true, Ordering::SeqCst);
@@ -420,7 +425,7 @@ fn fuse_unmount_while_reading_ends_cleanly() {
     let (h, done) = reader(m.img(), want.clone(), stop.clone(), true);
     std::thread::sleep(Duration::from_millis(300));
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !run(Command::new("fusermount3").arg("-u").arg(&m.mnt))
+    while !run(Command::new(tool("fusermount3")).arg("-u").arg(&m.mnt))
         .status
         .success()
     {
@@ -486,7 +491,7 @@ fn fuse_sigkill_leaves_a_mount_fusermount_removes() {
         &[&m.mnt.display().to_string(), "fusermount3 -u"],
         "mount on a dead mount",
     );
-    run_ok(Command::new("fusermount3").arg("-u").arg(&m.mnt));
+    run_ok(Command::new(tool("fusermount3")).arg("-u").arg(&m.mnt));
     assert!(!is_mounted(&m.mnt));
     assert!(dir_names(&m.mnt).is_empty());
     drop(m);
@@ -550,7 +555,7 @@ fn fuse_memory_stays_bounded() {
     }
     let m = FuseMount::start(&src, &work.path().join("mnt"), &[]);
     run_ok(
-        Command::new("dd")
+        Command::new(tool("dd"))
             .arg(format!("if={}", m.img().display()))
             .args(["of=/dev/null", "bs=1M"]),
     );

@@ -3,7 +3,25 @@
 //! `DIR/nix/store`), a realistic closure built offline, closureInfo
 //! directories in nixpkgs' format, NAR hashes and store round trips.
 
+#![allow(unused_imports, dead_code)]
+
 use super::*;
+use std::collections::{BTreeMap, HashMap};
+use std::env;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tempfile::TempDir;
 
 pub const NIX_TOOLS: &[&str] = &["nix-store", "nix-build", "nix-hash", "nix-instantiate"];
 
@@ -15,10 +33,12 @@ pub fn nix_available(what: &str) -> bool {
         return false;
     }
     if is_mkfs_mode() {
-        eprintln!("SKIPPED {what}: closures are a btrfsimg feature ({BUILDER_ENV}=mkfs)");
+        let line =
+            format!("\nSKIPPED {what}: closures are a btrfsimg feature ({BUILDER_ENV}=mkfs)\n");
+        let _ = io::stderr().lock().write_all(line.as_bytes());
         return false;
     }
-    NIX_TOOLS.iter().all(|t| tool_available(what, t, "nix-bin"))
+    tools_available(what, NIX_TOOLS) && tools_available(what, &["zstd"])
 }
 
 /// Options for daemon-less, offline `nix-build` as root on a chroot store:
