@@ -5,6 +5,34 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
+/// Bytes as one line of text: control characters, backslashes and invalid
+/// UTF-8 escaped (`\n`, `\x1b`), so that a message naming a hostile file name
+/// stays one line.
+pub fn shown(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// A path as one line of text (see `shown`).
+pub fn shown_path(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    shown(p.as_os_str().as_bytes())
+}
+
 #[derive(Debug)]
 pub struct Error {
     msg: String,
@@ -22,7 +50,7 @@ impl Error {
     /// An I/O failure on `path`.
     pub fn io(path: &Path, err: io::Error) -> Error {
         Error {
-            msg: format!("{}: {}", path.display(), err),
+            msg: format!("{}: {}", shown_path(path), err),
             kind: err.kind(),
         }
     }
@@ -39,14 +67,14 @@ impl Error {
     /// The operation on `path` was stopped by a signal (kind `Interrupted`).
     pub fn interrupted(path: &Path) -> Error {
         Error {
-            msg: format!("{}: interrupted", path.display()),
+            msg: format!("{}: interrupted", shown_path(path)),
             kind: io::ErrorKind::Interrupted,
         }
     }
 
     /// Something wrong with `path` that is not an I/O error.
     pub fn at(path: &Path, reason: impl fmt::Display) -> Error {
-        Error::msg(format!("{}: {}", path.display(), reason))
+        Error::msg(format!("{}: {}", shown_path(path), reason))
     }
 
     pub fn kind(&self) -> io::ErrorKind {
@@ -69,3 +97,16 @@ impl From<Error> for io::Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_names_stay_one_line() {
+        assert_eq!(shown(b"a\nb\tc\\d\x1b\xff"), "a\\nb\\tc\\\\d\\u{1b}\\xff");
+        assert_eq!(shown("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        let e = Error::at(Path::new("/x\ny"), "bad");
+        assert_eq!(e.to_string(), "/x\\ny: bad");
+    }
+}

@@ -267,7 +267,10 @@ fn sources(root: Option<PathBuf>, a: &ImageArgs) -> Result<Sources, Error> {
         if let Some(prev) = &c.registration {
             return Err(Error::at(
                 reg,
-                format!("a registration is already given by {}", prev.display()),
+                format!(
+                    "a registration is already given by {}",
+                    btrfsimg::error::shown_path(prev)
+                ),
             ));
         }
         c.registration = Some(reg.clone());
@@ -434,7 +437,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             fuse::serve(img, &mountpoint, &mopts, |path| {
                 use std::io::Write;
                 let mut out = io::stdout().lock();
-                let _ = writeln!(out, "{}", path.display());
+                let _ = writeln!(out, "{}", btrfsimg::error::shown_path(path));
                 let _ = out.flush();
             })
         }

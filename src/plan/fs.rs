@@ -519,7 +519,7 @@ impl FsItems {
             let shown: Vec<String> = names
                 .iter()
                 .take(3)
-                .map(|n| format!("'{}'", String::from_utf8_lossy(n)))
+                .map(|n| format!("'{}'", crate::error::shown(n)))
                 .collect();
             match names.len() {
                 n if n > 3 => format!("{} and {} more", shown.join(", "), n - 3),
@@ -576,7 +576,7 @@ impl FsItems {
             Body::InlineFile { len, .. } => Error::msg(format!(
                 "max_inline {} is too large for a {nodesize}-byte node ({}: {len} bytes inline are {limit})",
                 self.policy.max_inline,
-                path.display()
+                crate::error::shown_path(&path)
             )),
             _ => Error::at(&path, format!("an item of this entry is {limit}")),
         }

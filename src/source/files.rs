@@ -46,7 +46,7 @@ impl FileData for GeneratedFiles {
         let fill = self.tree.fill(node).ok_or_else(|| {
             io::Error::other(format!(
                 "{}: generated file without a fill",
-                self.tree.image_path(node).display()
+                crate::error::shown_path(&self.tree.image_path(node))
             ))
         })?;
         let n = self.tree.node(node);
@@ -87,12 +87,15 @@ pub struct HostFiles {
 fn changed(path: &Path, what: &str) -> io::Error {
     io::Error::other(format!(
         "{}: source file changed after planning ({what})",
-        path.display()
+        crate::error::shown_path(path)
     ))
 }
 
 fn named(path: &Path, e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("{}: {}", path.display(), e))
+    io::Error::new(
+        e.kind(),
+        format!("{}: {}", crate::error::shown_path(path), e),
+    )
 }
 
 /// Why an open file is not the planned one, if it is not.
@@ -133,7 +136,10 @@ impl HostFiles {
     fn verify(&self, node: u32, path: &Path, m: &std::fs::Metadata) -> io::Result<()> {
         let n = self.tree.node(node);
         let id = self.tree.identity(node).ok_or_else(|| {
-            io::Error::other(format!("{}: not a planned regular file", path.display()))
+            io::Error::other(format!(
+                "{}: not a planned regular file",
+                crate::error::shown_path(path)
+            ))
         })?;
         match mismatch(&id, n.size, n.mtime(), m) {
             Some(what) => Err(changed(path, what)),

@@ -126,21 +126,79 @@ fn bad(path: &[u8], why: impl std::fmt::Display) -> Error {
 /// Builds the arena of `root` (a directory) breadth-first with names in byte
 /// order, exactly as the walk orders a host tree.
 pub fn build(root: &Entry) -> Result<SourceTree> {
-    if !matches!(root.content, Content::Dir(_)) {
+    let Content::Dir(_) = &root.content else {
         return Err(bad(b"", "the root of a generated tree must be a directory"));
-    }
+    };
+    // Directories in the order `build_with` asks for their children.
+    let mut dirs: VecDeque<&Entry> = VecDeque::from([root]);
+    build_with(&root.meta, |_, _| {
+        let Some(Entry {
+            content: Content::Dir(children),
+            ..
+        }) = dirs.pop_front()
+        else {
+            return Ok(Vec::new());
+        };
+        for e in children.values() {
+            if let Content::Dir(_) = e.content {
+                dirs.push_back(e);
+            }
+        }
+        Ok(children
+            .iter()
+            .map(|(n, e)| {
+                let shallow = match &e.content {
+                    Content::Dir(_) => Entry {
+                        meta: e.meta.clone(),
+                        content: Content::Dir(BTreeMap::new()),
+                        link: e.link,
+                    },
+                    _ => e.clone(),
+                };
+                (n.clone(), shallow)
+            })
+            .collect())
+    })
+}
+
+/// Builds a tree one directory at a time: `children(node, path)` returns the
+/// entries of directory `node` (at image path `path`), sorted by name, and is
+/// called for every directory in breadth-first order. A child directory's own
+/// entries in the returned `Content::Dir` are ignored: they come from its own
+/// call. Only one directory's description is held at a time, so very large
+/// trees can be described cheaply.
+pub fn build_with(
+    root: &Meta,
+    mut children: impl FnMut(u32, &[u8]) -> Result<Vec<(Vec<u8>, Entry)>>,
+) -> Result<SourceTree> {
     let mut tree = SourceTree::new(Origin::Generated { fills: Vec::new() });
     let mut fills = Vec::new();
     let mut links: HashMap<u64, u32> = HashMap::new();
-    let mut queue: VecDeque<(u32, &Entry, Vec<u8>)> = VecDeque::new();
-    let idx = push(&mut tree, &mut fills, &mut links, NONE, b"", root, b"")?;
-    queue.push_back((idx, root, Vec::new()));
-    while let Some((dir, entry, path)) = queue.pop_front() {
-        let Content::Dir(children) = &entry.content else {
-            continue;
-        };
+    let root_entry = Entry {
+        meta: root.clone(),
+        content: Content::Dir(BTreeMap::new()),
+        link: None,
+    };
+    let idx = push(
+        &mut tree,
+        &mut fills,
+        &mut links,
+        NONE,
+        b"",
+        &root_entry,
+        b"",
+    )?;
+    let mut queue: VecDeque<(u32, Vec<u8>)> = VecDeque::from([(idx, Vec::new())]);
+    while let Some((dir, path)) = queue.pop_front() {
+        let kids = children(dir, &path)?;
         let first = tree.len() as u32;
-        for (name, child) in children {
+        for (i, (name, child)) in kids.iter().enumerate() {
+            if i > 0 && kids[i - 1].0 >= *name {
+                return Err(bad(
+                    &child_path(&path, name),
+                    "entries must be given sorted by name, each name once",
+                ));
+            }
             if name.is_empty()
                 || name.contains(&b'/')
                 || name.contains(&0)
@@ -155,10 +213,11 @@ pub fn build(root: &Entry) -> Result<SourceTree> {
             let p = child_path(&path, name);
             let idx = push(&mut tree, &mut fills, &mut links, dir, name, child, &p)?;
             if matches!(child.content, Content::Dir(_)) {
-                queue.push_back((idx, child, p));
+                queue.push_back((idx, p));
             }
         }
-        tree.set_children(dir, first, children.len() as u32);
+        let count = u32::try_from(kids.len()).map_err(|_| bad(&path, "too many entries"))?;
+        tree.set_children(dir, first, count);
     }
     tree.origin = Origin::Generated { fills };
     tree.shrink_to_fit();

@@ -114,7 +114,10 @@ impl VirtualDir {
                 VEntry::Host(other) => {
                     return Err(Error::at(
                         at,
-                        format!("its parent is already provided by {}", other.display()),
+                        format!(
+                            "its parent is already provided by {}",
+                            crate::error::shown_path(other)
+                        ),
                     ))
                 }
             };
@@ -128,11 +131,18 @@ impl VirtualDir {
             Some(VEntry::Host(h)) if *h == host => Ok(()),
             Some(VEntry::Host(h)) => Err(Error::at(
                 at,
-                format!("provided by both {} and {}", h.display(), host.display()),
+                format!(
+                    "provided by both {} and {}",
+                    crate::error::shown_path(h),
+                    crate::error::shown_path(&host)
+                ),
             )),
             Some(VEntry::Dir(_)) => Err(Error::at(
                 at,
-                format!("{} conflicts with a directory of the image", host.display()),
+                format!(
+                    "{} conflicts with a directory of the image",
+                    crate::error::shown_path(&host)
+                ),
             )),
         }
     }
@@ -163,7 +173,10 @@ impl Sources {
             if fs::symlink_metadata(&host).is_err() {
                 return Err(Error::at(
                     p,
-                    format!("store path does not exist ({})", host.display()),
+                    format!(
+                        "store path does not exist ({})",
+                        crate::error::shown_path(&host)
+                    ),
                 ));
             }
             root.graft(p, host)?;

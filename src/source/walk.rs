@@ -390,12 +390,10 @@ impl Builder {
     /// The error for two sources providing the same non-directory path.
     fn conflict(&mut self, parent: u32, group: &[Entry], base: u32) -> Error {
         let mut describe = |e: &Entry| match &e.origin {
-            EntryOrigin::Listed { dir } => self
-                .dir_path(base + *dir as u32)
-                .join(sys::os(&e.name))
-                .display()
-                .to_string(),
-            EntryOrigin::Graft(p) => p.display().to_string(),
+            EntryOrigin::Listed { dir } => {
+                crate::error::shown_path(&self.dir_path(base + *dir as u32).join(sys::os(&e.name)))
+            }
+            EntryOrigin::Graft(p) => crate::error::shown_path(p),
             EntryOrigin::Virtual(_) => "a directory created for the closure".to_string(),
         };
         let (a, b) = (describe(&group[0]), describe(&group[1]));
