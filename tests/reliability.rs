@@ -155,6 +155,17 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
     chmod(&unread_file.join("secret"), 0o000);
     chmod(&unread_inline.join("tiny"), 0o000);
     chmod(&unread_dir.join("d"), 0o000);
+    // 60 names of 255 bytes sharing one name hash: more than one directory
+    // item holds.
+    let colliding = w.join("colliding");
+    let mut t = TreeBuilder::new(&colliding);
+    for n in names_with_hash(60, 255, 0xc0ffee, b"") {
+        let mut rel = b"coll/".to_vec();
+        rel.extend_from_slice(&n);
+        t.file(&rel, b"x");
+    }
+    t.finalize();
+    let coll_dir = colliding.join("coll");
     // Mountpoints.
     let mnt_full = w.join("mnt-full");
     fs::create_dir(&mnt_full).unwrap();
@@ -239,6 +250,21 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
             "overflowing --size",
             &[&e, &src, &o, &out, &"--size", &"99999999T"],
             &[&"--size", &"too large"],
+        ),
+        case(
+            "--size beyond 8 EiB",
+            &[&e, &src, &o, &out, &"--size", &"9223372036854775808"],
+            &[&"--size", &"too large", &"8 EiB"],
+        ),
+        case(
+            "--extra-space beyond 8 EiB",
+            &[&e, &src, &o, &out, &"--extra-space", &"8388608T"],
+            &[&"--extra-space", &"too large"],
+        ),
+        case(
+            "names sharing one hash overflow a directory item",
+            &[&e, &colliding, &o, &out],
+            &[&D(&coll_dir), &"60 names share one name hash", &"EOVERFLOW"],
         ),
         case(
             "--size too small",
@@ -553,9 +579,13 @@ enum Change {
     Replace,
     /// Deleted.
     Delete,
+    /// Replaced by a FIFO: opening it for reading would wait for a writer.
+    Fifo,
+    /// Replaced by a symlink to an identical copy elsewhere.
+    Symlink,
 }
 
-const CHANGES: [Change; 8] = [
+const CHANGES: [Change; 10] = [
     Change::Append,
     Change::Truncate,
     Change::Rewrite,
@@ -564,6 +594,8 @@ const CHANGES: [Change; 8] = [
     Change::Chmod,
     Change::Replace,
     Change::Delete,
+    Change::Fifo,
+    Change::Symlink,
 ];
 
 fn mtime_of(p: &Path) -> (i64, u32) {
@@ -606,7 +638,33 @@ fn apply(change: Change, p: &Path) {
             fs::rename(&tmp, p).unwrap();
         }
         Change::Delete => fs::remove_file(p).unwrap(),
+        Change::Fifo => {
+            let tmp = p.with_extension("fifo");
+            let c = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a valid C string.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+            fs::rename(&tmp, p).unwrap();
+        }
+        Change::Symlink => {
+            let copy = p.with_extension("copy");
+            fs::copy(p, &copy).unwrap();
+            set_times(&copy, sec, nsec).unwrap();
+            let tmp = p.with_extension("link");
+            std::os::unix::fs::symlink(&copy, &tmp).unwrap();
+            fs::rename(&tmp, p).unwrap();
+        }
     }
+}
+
+/// Runs `f` on another thread and fails the test if it has not returned
+/// within `secs` seconds: a hang is a failure, not a stuck test run.
+fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what}: did not return within {secs} s (hung)"))
 }
 
 fn reason(change: Change) -> &'static str {
@@ -649,10 +707,13 @@ fn export_of_a_changed_source_fails_naming_it() {
             apply(change, &path);
             let out_dir = work.path().join("out");
             fs::create_dir(&out_dir).unwrap();
-            let img = Image::new(plan);
-            let err = export::write_file(&img, &out_dir.join("x.img"), false, &Default::default())
-                .expect_err(&what)
-                .to_string();
+            let img = std::sync::Arc::new(Image::new(plan));
+            let (i, o) = (img.clone(), out_dir.join("x.img"));
+            let err = within(30, &what, move || {
+                export::write_file(&i, &o, false, &Default::default())
+            })
+            .expect_err(&what)
+            .to_string();
             assert!(
                 err.contains(&path.display().to_string()) && err.contains(reason(change)),
                 "{what}: error does not name the file and the reason: {err}"
@@ -665,10 +726,12 @@ fn export_of_a_changed_source_fails_naming_it() {
             );
 
             // The stream export fails the same way.
-            let mut sink = Vec::new();
-            let err = export::write_stream(&img, &mut sink, &Default::default())
-                .expect_err(&what)
-                .to_string();
+            let i = img.clone();
+            let err = within(30, &what, move || {
+                export::write_stream(&i, &mut Vec::new(), &Default::default())
+            })
+            .expect_err(&what)
+            .to_string();
             assert!(err.contains(&path.display().to_string()), "{what}: {err}");
         }
     }
@@ -710,12 +773,15 @@ fn read_at_of_a_changed_source_fails_only_for_its_data() {
             })
             .map(|r| (r.start, r.len))
             .expect("system chunk region");
-        let img = Image::new(plan);
+        let img = std::sync::Arc::new(Image::new(plan));
         let read = |(off, len): (u64, u64)| {
-            let mut buf = vec![0u8; len as usize];
-            img.read_at(off, &mut buf).map(|n| {
-                assert_eq!(n, len as usize);
-                buf
+            let img = img.clone();
+            within(30, &what, move || {
+                let mut buf = vec![0u8; len as usize];
+                img.read_at(off, &mut buf).map(|n| {
+                    assert_eq!(n, len as usize);
+                    buf
+                })
             })
         };
         let expect = |(off, len): (u64, u64)| clean[off as usize..(off + len) as usize].to_vec();
@@ -1128,4 +1194,88 @@ fn missing_tools_skip_or_fail_by_name() {
         .expect("required and missing: a failure");
     assert!(msg.contains("qemu-img-that-does-not-exist"), "{msg}");
     assert_eq!(package_of("qemu-img"), "qemu-utils");
+}
+
+/// The largest --size is accepted and either exported at once (sparse: the
+/// export jumps over unallocated space) or refused by the output's
+/// filesystem (ext4: EFBIG) in one line; no walk over 8 EiB of zeros.
+#[test]
+fn largest_size_exports_or_fails_at_once() {
+    let work = workdir("largest-size");
+    let src = work.path().join("src");
+    TreeBuilder::new(&src).file(b"f", b"data").finalize();
+    let out = work.path().join("x.img");
+    let child = Command::new(btrfsimg_bin())
+        .args(["export", "-q", "--size", "9223372036854775807"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = child;
+    let st = wait_timeout(&mut child, Duration::from_secs(60));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    if st.success() {
+        assert_eq!(
+            fs::metadata(&out).unwrap().len(),
+            i64::MAX as u64 / 4096 * 4096
+        );
+    } else {
+        assert_eq!(st.code(), Some(1), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("File too large"), "{err}");
+        assert_eq!(names(work.path()), ["/src"], "nothing left behind");
+    }
+}
+
+/// The default UUID covers everything the plan knows: two trees that differ
+/// only in one xattr value, or only in where a file's holes are, get
+/// different UUIDs (kernels before 6.7 would take two devices with one fsid
+/// for one filesystem). Identical trees still get the same one.
+#[test]
+fn default_uuid_covers_xattrs_and_holes() {
+    let work = workdir("uuid");
+    let uuid_of = |dir: &Path| {
+        let out = run_stdout(Command::new(btrfsimg_bin()).arg("plan").arg(dir));
+        out.lines()
+            .find_map(|l| l.strip_prefix("uuid: "))
+            .expect("plan prints the uuid")
+            .to_string()
+    };
+    let make = |name: &str, xattr: &[u8], sparse: bool| {
+        let dir = work.path().join(name);
+        let mut t = TreeBuilder::new(&dir);
+        t.file(b"f", b"same bytes");
+        t.finalize();
+        set_xattr(&dir.join("f"), b"user.note", xattr).unwrap();
+        let z = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(dir.join("zeros"))
+            .unwrap();
+        if sparse {
+            z.set_len(1 << 20).unwrap();
+        } else {
+            z.write_all_at(&vec![0u8; 1 << 20], 0).unwrap();
+        }
+        set_times(&dir.join("zeros"), 1_000_000, 0).unwrap();
+        set_times(&dir, 1_000_000, 0).unwrap();
+        dir
+    };
+    let a = make("a", b"one", false);
+    let b = make("b", b"two", false);
+    let c = make("c", b"one", true);
+    let a2 = make("a2", b"one", false);
+    let (ua, ub, uc, ua2) = (uuid_of(&a), uuid_of(&b), uuid_of(&c), uuid_of(&a2));
+    assert_ne!(ua, ub, "xattr value");
+    assert_ne!(ua, uc, "hole layout");
+    assert_eq!(ua, ua2, "same tree, same uuid");
 }

@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -243,6 +243,73 @@ fn fuse_reads_of_a_changed_source_fail_with_eio() {
         line.contains("ERROR") && line.contains("changed after planning"),
         "log line: {line}"
     );
+}
+
+/// A source file swapped for a FIFO while mounted never blocks a reader: its
+/// data fails with EIO at once (the source is opened O_PATH, found not to be
+/// the planned regular file, and never opened for reading), and a `dd` of the
+/// whole image ends with an error instead of hanging.
+#[test]
+fn fuse_source_swapped_for_a_fifo_never_blocks() {
+    let what = "fuse_source_swapped_for_a_fifo_never_blocks";
+    if !fuse_available(what) || !tools_available(what, &["dd"]) {
+        return;
+    }
+    let work = workdir("fuse-fifo");
+    let src = work.path().join("src");
+    TreeBuilder::new(&src)
+        .random_file(b"victim", 300 * KIB, 1)
+        .random_file(b"other", 200 * KIB, 3)
+        .finalize();
+    let args = fixed_args("0b0d0a0e-0008-4000-8000-000000000002");
+    let plan = plan_dir(
+        &src,
+        &Options {
+            fsid: Some(parse_uuid("0b0d0a0e-0008-4000-8000-000000000002")),
+            timestamp: 1_700_000_000,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let victim = file_data_ranges(&plan, "/victim");
+    let m = FuseMount::start(&src, &work.path().join("mnt"), &args);
+    let path = src.join("victim");
+    let tmp = src.join(".fifo");
+    let c = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    fs::rename(&tmp, &path).unwrap();
+
+    let img = m.img();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r = victim[0];
+    std::thread::spawn(move || {
+        let f = open_direct(&img);
+        let _ = tx.send(read_range(&f, r).map(|_| ()));
+    });
+    let res = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a read of the swapped file's data hung");
+    assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EIO));
+    let mut dd = Command::new(tool("dd"))
+        .arg(format!("if={}", m.img().display()))
+        .args(["of=/dev/null", "bs=1M", "iflag=direct"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        if let Some(st) = dd.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = dd.kill();
+            panic!("dd of fs.img hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!st.success(), "dd must report the error");
+    assert!(m.stop(libc::SIGTERM).success());
 }
 
 fn parse_uuid(s: &str) -> [u8; 16] {
