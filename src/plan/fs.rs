@@ -38,14 +38,44 @@ const LINKED: u8 = 2;
 const XATTR_COLLISION: u8 = 4;
 const DIR_COLLISION: u8 = 8;
 
+/// 16 bytes per inode: the flags live in the top byte of the item index.
 #[derive(Clone, Copy, Debug)]
 struct Inode {
     /// The source node that holds this inode's attributes (first of its hard links).
     node: u32,
     /// Its first data extent; it has those up to the next inode's.
     ext_start: u32,
-    first_item: u64,
-    flags: u8,
+    /// Index of its first item (low 56 bits) and its flags (top 8 bits).
+    item_flags: u64,
+}
+
+const ITEM_BITS: u32 = 56;
+
+impl Inode {
+    fn new(node: u32, flags: u8) -> Inode {
+        Inode {
+            node,
+            ext_start: 0,
+            item_flags: (flags as u64) << ITEM_BITS,
+        }
+    }
+
+    fn first_item(&self) -> u64 {
+        self.item_flags & ((1 << ITEM_BITS) - 1)
+    }
+
+    fn set_first_item(&mut self, i: u64) {
+        assert!(i < 1 << ITEM_BITS, "item indexes fit 56 bits");
+        self.item_flags = (self.item_flags & !((1 << ITEM_BITS) - 1)) | i;
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        (self.item_flags >> ITEM_BITS) as u8 & flag != 0
+    }
+
+    fn set(&mut self, flag: u8) {
+        self.item_flags |= (flag as u64) << ITEM_BITS;
+    }
 }
 
 /// One INODE_REF or INODE_EXTREF item of a hard-linked inode.
@@ -118,8 +148,9 @@ impl FsItems {
         let mut nlinks: BTreeMap<u32, u32> = BTreeMap::new();
         for i in 0..n as u32 {
             let node = tree.node(i);
-            if node.link_rep != i {
-                let rep = node_ino[node.link_rep as usize];
+            let link_rep = tree.link_rep(i);
+            if link_rep != i {
+                let rep = node_ino[link_rep as usize];
                 node_ino[i as usize] = rep;
                 *nlinks.entry(rep).or_insert(1) += 1;
                 continue;
@@ -145,12 +176,7 @@ impl FsItems {
                     xattr_items.insert(idx, groups);
                 }
             }
-            inodes.push(Inode {
-                node: i,
-                ext_start: 0,
-                first_item: 0,
-                flags,
-            });
+            inodes.push(Inode::new(i, flags));
         }
 
         // Hard links: group names by parent inode; overflow into INODE_EXTREF.
@@ -202,7 +228,7 @@ impl FsItems {
                     nodes,
                 });
             }
-            inodes[ino as usize].flags |= LINKED;
+            inodes[ino as usize].set(LINKED);
             links.insert(ino, Links { nlink, refs });
         }
 
@@ -227,7 +253,7 @@ impl FsItems {
                 }
             }
             if groups.len() != slice.len() {
-                inode.flags |= DIR_COLLISION;
+                inode.set(DIR_COLLISION);
                 dir_groups.insert(d, groups);
             }
         }
@@ -251,7 +277,7 @@ impl FsItems {
     pub fn extent_files(&self) -> impl Iterator<Item = u32> + '_ {
         self.inodes
             .iter()
-            .filter(|i| i.flags & INLINE == 0 && self.tree.node(i.node).kind == Kind::File)
+            .filter(|i| !i.has(INLINE) && self.tree.node(i.node).kind == Kind::File)
             .map(|i| i.node)
     }
 
@@ -265,7 +291,7 @@ impl FsItems {
                 e += 1;
             }
             self.inodes[idx].ext_start = e as u32;
-            self.inodes[idx].first_item = next;
+            self.inodes[idx].set_first_item(next);
             let mut end = e;
             while end < extents.len() && extents[end].node == node {
                 end += 1;
@@ -274,7 +300,7 @@ impl FsItems {
             next += (0..5)
                 .map(|sec| self.section_len(idx, sec) as u64)
                 .sum::<u64>()
-                + if self.inodes[idx].flags & INLINE != 0 {
+                + if self.inodes[idx].has(INLINE) {
                     1
                 } else {
                     ext_count
@@ -324,7 +350,7 @@ impl FsItems {
         let node = self.tree.node(inode.node);
         match node.kind {
             Kind::Symlink => node.size,
-            Kind::File if inode.flags & INLINE != 0 => node.size,
+            Kind::File if inode.has(INLINE) => node.size,
             Kind::File => self.extents[self.ext_range(idx)]
                 .iter()
                 .map(|e| e.size())
@@ -367,21 +393,21 @@ impl FsItems {
         let node = self.tree.node(inode.node);
         match sec {
             0 => 1,
-            1 if inode.flags & LINKED != 0 => self
+            1 if inode.has(LINKED) => self
                 .links
                 .get(&(idx as u32))
                 .map_or(1, |l| l.refs.len() as u32),
             1 => 1,
-            2 if inode.flags & XATTR_COLLISION != 0 => {
+            2 if inode.has(XATTR_COLLISION) => {
                 self.xattr_items.get(&(idx as u32)).copied().unwrap_or(0)
             }
             2 => self.tree.xattr_count(inode.node),
-            3 if inode.flags & DIR_COLLISION != 0 => self
+            3 if inode.has(DIR_COLLISION) => self
                 .dir_groups
                 .get(&inode.node)
                 .map_or(0, |g| g.len() as u32),
             3 | 4 => node.nchildren(),
-            _ if inode.flags & INLINE != 0 => 1,
+            _ if inode.has(INLINE) => 1,
             _ => self.ext_range(idx).len() as u32,
         }
     }
@@ -470,7 +496,7 @@ impl FsItems {
         let inode = &self.inodes[idx];
         let d = inode.node;
         let node = self.tree.node(d);
-        if inode.flags & INLINE != 0 {
+        if inode.has(INLINE) {
             let body = if node.kind == Kind::Symlink {
                 Body::InlineBytes(self.tree.link_target(d))
             } else {
@@ -499,7 +525,7 @@ impl FsItems {
     }
 
     fn dir_entry(&self, c: u32) -> DirEntry<'_> {
-        let rep = self.tree.node(c).link_rep;
+        let rep = self.tree.link_rep(c);
         DirEntry {
             location: self.location(c),
             ftype: ftype(self.tree.node(rep).kind),
@@ -671,7 +697,7 @@ impl ItemSource for FsItems {
     fn iter_from(&self, start: u64) -> Box<dyn Iterator<Item = Item<'_>> + '_> {
         let idx = self
             .inodes
-            .partition_point(|i| i.first_item <= start)
+            .partition_point(|i| i.first_item() <= start)
             .saturating_sub(1);
         let mut it = FsIter {
             fs: self,
@@ -681,7 +707,7 @@ impl ItemSource for FsItems {
             xattrs: None,
         };
         if let Some(inode) = self.inodes.get(idx) {
-            let mut local = start - inode.first_item;
+            let mut local = start - inode.first_item();
             while it.section <= 5 {
                 let n = self.section_len(idx, it.section) as u64;
                 if local < n {

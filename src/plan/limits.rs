@@ -82,7 +82,7 @@ pub fn validate_tree(tree: &SourceTree) -> Result<()> {
             Kind::Dir if n.nchildren() as u64 > u32::MAX as u64 - 3 => {
                 return Err(Error::at(&tree.path(i), "too many directory entries"))
             }
-            Kind::File if n.link_rep == i => {
+            Kind::File if tree.link_rep(i) == i => {
                 for s in tree.segments(i).iter() {
                     let a = s.offset / SECTOR_SIZE * SECTOR_SIZE;
                     let b = (s.offset + s.len).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;

@@ -123,7 +123,7 @@ pub fn data_chunks(
 /// Largest METADATA chunk. With DUP, a sequential reader meets the second copy
 /// of a block one chunk length after the first; small chunks keep that distance
 /// (and so the block cache a reader needs) bounded.
-pub const METADATA_CHUNK_MAX: u64 = 32 * MIB;
+pub const METADATA_CHUNK_MAX: u64 = 4 * MIB;
 
 /// Lays out METADATA chunks from physical (= logical) `start`, each with its
 /// stripes side by side, until `need` bytes of tree blocks fit around the
@@ -267,15 +267,15 @@ mod tests {
 
     #[test]
     fn dup_metadata_skips_mirror_in_second_stripe() {
-        let c = metadata_chunk(40 * MIB, 20 * MIB, true, 0x24, METADATA_CHUNK_MAX);
+        let c = metadata_chunk(61 * MIB, 3 * MIB, true, 0x24, METADATA_CHUNK_MAX);
         assert_eq!(
-            metadata_chunks(40 * MIB, 20 * MIB, true, 0x24),
+            metadata_chunks(61 * MIB, 3 * MIB, true, 0x24),
             vec![c.clone()]
         );
-        // Stripe 1 covers [40+L, 40+2L) which contains 64 MiB.
+        // Stripe 1 covers [61+L, 61+2L) which contains 64 MiB.
         let ex = c.excluded();
         assert_eq!(ex.len(), 1);
-        assert!(c.length - 65536 >= 20 * MIB);
+        assert!(c.length - 65536 >= 3 * MIB);
         assert_eq!(
             block_slots(&c, 16384).count() as u64,
             (c.length - 65536) / 16384

@@ -57,7 +57,7 @@ pub fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
         h.update(n.mtime().nsec.to_le_bytes());
         h.update(n.size.to_le_bytes());
         h.update(n.rdev().to_le_bytes());
-        h.update(n.link_rep.to_le_bytes());
+        h.update(tree.link_rep(i).to_le_bytes());
         if n.kind == Kind::Symlink {
             field(&mut h, tree.link_target(i));
         }

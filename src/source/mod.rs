@@ -76,8 +76,6 @@ pub const LINK_MAX: u32 = 65535;
 #[derive(Clone, Debug)]
 pub struct Node {
     pub parent: u32,
-    /// Hard links: the first node (in tree order) of the same inode; itself otherwise.
-    pub link_rep: u32,
     name_off: u64,
     /// i_size (regular files), target length (symlinks), twice the bytes of
     /// the names in it (directories, as btrfs counts), 0 otherwise.
@@ -87,7 +85,9 @@ pub struct Node {
     ctime_sec: i64,
     ino: u64,
     /// Kind-specific: symlink target offset in the blob arena; device rdev in
-    /// the kernel's encoding (major << 20 | minor).
+    /// the kernel's encoding (major << 20 | minor). A hard link that is not
+    /// the first of its inode (`LINK_COPY`) has none of these: here is the
+    /// index of the first.
     wide: u64,
     mtime_nsec: u32,
     ctime_nsec: u32,
@@ -103,15 +103,23 @@ pub struct Node {
     /// device in the device table.
     a: u32,
     b: u32,
+    /// Permission bits, and `LINK_COPY`.
     perm: u16,
     name_len: u8,
     pub kind: Kind,
 }
 
+/// In `Node::perm`: a hard link whose inode is an earlier node's.
+const LINK_COPY: u16 = 0x8000;
+
 impl Node {
     /// Full st_mode, type bits included.
     pub fn mode(&self) -> u32 {
-        self.kind.type_bits() | self.perm as u32
+        self.kind.type_bits() | (self.perm & 0o7777) as u32
+    }
+
+    fn is_link_copy(&self) -> bool {
+        self.perm & LINK_COPY != 0
     }
 
     pub fn mtime(&self) -> Timespec {
@@ -124,7 +132,7 @@ impl Node {
     /// Device number in the kernel's internal encoding (major << 20 | minor).
     pub fn rdev(&self) -> u64 {
         match self.kind {
-            Kind::CharDev | Kind::BlockDev => self.wide,
+            Kind::CharDev | Kind::BlockDev if !self.is_link_copy() => self.wide,
             _ => 0,
         }
     }
@@ -258,9 +266,19 @@ impl SourceTree {
         &self.nodes[n as usize]
     }
 
+    /// Hard links: the first node (in tree order) of the same inode; `n` itself otherwise.
+    pub fn link_rep(&self, n: u32) -> u32 {
+        let node = &self.nodes[n as usize];
+        if node.is_link_copy() {
+            node.wide as u32
+        } else {
+            n
+        }
+    }
+
     /// Symlink target bytes (no trailing NUL).
     pub fn link_target(&self, n: u32) -> &[u8] {
-        let node = &self.nodes[n as usize];
+        let node = &self.nodes[self.link_rep(n) as usize];
         if node.kind != Kind::Symlink {
             return &[];
         }
@@ -296,7 +314,7 @@ impl SourceTree {
 
     /// Data segments of a regular file.
     pub fn segments(&self, n: u32) -> Segments<'_> {
-        let node = &self.nodes[n as usize];
+        let node = &self.nodes[self.link_rep(n) as usize];
         if node.kind != Kind::File {
             return Segments::Whole(0);
         }
@@ -495,7 +513,6 @@ impl SourceTree {
         });
         let mut node = Node {
             parent,
-            link_rep: n.link_rep.unwrap_or(idx),
             name_off,
             size: 0,
             mtime_sec: n.mtime.sec,
@@ -514,6 +531,14 @@ impl SourceTree {
             name_len: name.len() as u8,
             kind: n.kind,
         };
+        if let Some(rep) = n.link_rep {
+            // Everything but the name and parent is the first link's.
+            node.perm |= LINK_COPY;
+            node.wide = rep as u64;
+            node.size = self.nodes[rep as usize].size;
+            self.nodes.push(node);
+            return Ok(idx);
+        }
         match n.kind {
             Kind::File => {
                 node.size = n.size;
@@ -611,7 +636,7 @@ mod tests {
     #[test]
     fn node_stays_small() {
         assert!(
-            std::mem::size_of::<Node>() <= 96,
+            std::mem::size_of::<Node>() <= 88,
             "{}",
             std::mem::size_of::<Node>()
         );

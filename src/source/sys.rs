@@ -160,8 +160,8 @@ impl Dir {
                 return Err(io::Error::last_os_error());
             }
             if (n as usize) < buf.len() {
-                buf.truncate(n as usize);
-                return Ok(buf);
+                // An exact copy: the 4 KiB probe buffer is not kept per symlink.
+                return Ok(buf[..n as usize].to_vec());
             }
             buf.resize(buf.len() * 2, 0);
         }

@@ -16,7 +16,6 @@ use std::collections::{HashMap, VecDeque};
 use std::fs;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[derive(Clone, Debug, Default)]
 pub struct WalkOptions {
@@ -136,51 +135,110 @@ pub fn walk(sources: &Sources, opts: &WalkOptions) -> Result<SourceTree> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
         n => n,
     };
-    while !b.pending.is_empty() {
-        let batch: Vec<(u32, Vec<Contrib>)> = {
-            let n = b.pending.len().min(256 * threads);
-            b.pending.drain(..n).collect()
-        };
-        let listings = list_batch(&batch, threads, opts.xattrs);
-        for ((n, _), listing) in batch.iter().zip(listings) {
-            b.merge(*n, listing?)?;
+    if threads <= 1 {
+        while let Some((n, contribs)) = b.pending.pop_front() {
+            let listing = list(&contribs, opts.xattrs)?;
+            b.merge(n, listing)?;
         }
+    } else {
+        walk_parallel(&mut b, threads)?;
     }
     b.tree.shrink_to_fit();
     Ok(b.tree)
 }
 
-/// Lists the directories of a batch on `threads` threads; results in batch order.
-fn list_batch(batch: &[(u32, Vec<Contrib>)], threads: usize, xattrs: bool) -> Vec<Result<Listing>> {
-    if threads <= 1 || batch.len() < 2 {
-        return batch.iter().map(|(_, c)| list(c, xattrs)).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let mut out: Vec<(usize, Result<Listing>)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.min(batch.len()))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((_, c)) = batch.get(i) else { break };
-                        done.push((i, list(c, xattrs)));
-                    }
-                    done
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    vec![(0, Err(Error::msg("directory listing thread panicked")))]
-                })
-            })
-            .collect()
+/// Directories listed ahead of the merge, per lister thread: enough to keep
+/// the listers busy, few enough that the listings in flight (the walk's
+/// transient memory) stay small however wide the tree is.
+const AHEAD_PER_THREAD: u64 = 8;
+
+/// Work shared by the listers and the merging thread. Directories are
+/// numbered in queue order; listings are merged strictly in that order, so
+/// the tree does not depend on which lister finished first.
+struct Pipeline {
+    /// Directories not yet being listed: (sequence number, node, contributors).
+    jobs: VecDeque<(u64, u32, Vec<Contrib>)>,
+    /// Finished listings waiting for their turn.
+    done: BTreeMap<u64, Result<Listing>>,
+    /// Sequence number of the next listing to merge.
+    merged: u64,
+    /// Listers stop when set (finished, or an error ended the walk).
+    stop: bool,
+}
+
+fn walk_parallel(b: &mut Builder, threads: usize) -> Result<()> {
+    let xattrs = b.opts.xattrs;
+    let ahead = AHEAD_PER_THREAD * threads as u64;
+    let mut next_seq = 0u64;
+    let mut nodes: VecDeque<u32> = VecDeque::new();
+    let state = std::sync::Mutex::new(Pipeline {
+        jobs: VecDeque::new(),
+        done: BTreeMap::new(),
+        merged: 0,
+        stop: false,
     });
-    out.sort_by_key(|(i, _)| *i);
-    out.into_iter().map(|(_, r)| r).collect()
+    let cv = std::sync::Condvar::new();
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    // Moves the directories the last merge found into the job queue.
+    let enqueue = |b: &mut Builder, p: &mut Pipeline, nodes: &mut VecDeque<u32>, next: &mut u64| {
+        for (n, c) in b.pending.drain(..) {
+            p.jobs.push_back((*next, n, c));
+            nodes.push_back(n);
+            *next += 1;
+        }
+    };
+    enqueue(b, &mut lock(), &mut nodes, &mut next_seq);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let (seq, contribs) = {
+                    let mut p = lock();
+                    loop {
+                        if p.stop {
+                            return;
+                        }
+                        let ready = p.jobs.front().is_some_and(|j| j.0 < p.merged + ahead);
+                        if ready {
+                            let (seq, _, c) = p.jobs.pop_front().expect("a job is ready");
+                            break (seq, c);
+                        }
+                        p = cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                    }
+                };
+                // A panic in a lister must not leave the merge waiting forever.
+                let listing = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    list(&contribs, xattrs)
+                }))
+                .unwrap_or_else(|_| Err(Error::msg("internal error: directory listing panicked")));
+                lock().done.insert(seq, listing);
+                cv.notify_all();
+            });
+        }
+        let result = (|| {
+            while let Some(n) = nodes.pop_front() {
+                let listing = {
+                    let mut p = lock();
+                    loop {
+                        let m = p.merged;
+                        if let Some(l) = p.done.remove(&m) {
+                            break l;
+                        }
+                        p = cv.wait(p).unwrap_or_else(|e| e.into_inner());
+                    }
+                };
+                b.merge(n, listing?)?;
+                let mut p = lock();
+                p.merged += 1;
+                enqueue(b, &mut p, &mut nodes, &mut next_seq);
+                drop(p);
+                cv.notify_all();
+            }
+            Ok(())
+        })();
+        lock().stop = true;
+        cv.notify_all();
+        result
+    })
 }
 
 /// Reads every contributor of one directory.
@@ -336,27 +394,28 @@ impl Builder {
         entries.sort_by(|a, b| a.name.cmp(&b.name));
 
         let first = self.tree.len() as u32;
-        let mut groups: Vec<Vec<Entry>> = Vec::new();
-        for e in entries {
-            match groups.last_mut() {
-                Some(g) if g[0].name == e.name => g.push(e),
-                _ => groups.push(vec![e]),
+        let mut count = 0u32;
+        let mut entries = entries.into_iter().peekable();
+        while let Some(head) = entries.next() {
+            // Other contributors of the same name (usually none: no allocation).
+            let mut more: Vec<Entry> = Vec::new();
+            while entries.peek().is_some_and(|e| e.name == head.name) {
+                more.extend(entries.next());
             }
-        }
-        let count = groups.len() as u32;
-        for group in groups {
+            count += 1;
             // Directories merge, except grafted ones: a store path is sealed, and
             // anything added to it would break its registered NAR hash.
-            let sealed = group
-                .iter()
-                .any(|e| matches!(e.origin, EntryOrigin::Graft(_)));
-            if group.len() > 1 && (sealed || !group.iter().all(Entry::is_dir)) {
-                return Err(self.conflict(n, &group, base));
+            if !more.is_empty() {
+                let group: Vec<&Entry> = std::iter::once(&head).chain(&more).collect();
+                let sealed = group
+                    .iter()
+                    .any(|e| matches!(e.origin, EntryOrigin::Graft(_)));
+                if sealed || !group.iter().all(|e| e.is_dir()) {
+                    return Err(self.conflict(n, group[0], group[1], base));
+                }
             }
             let mut children = Vec::new();
-            let mut group = group.into_iter();
-            let Some(head) = group.next() else { continue };
-            for e in std::iter::once(&head).chain(group.as_slice()) {
+            for e in std::iter::once(&head).chain(&more) {
                 if !e.is_dir() {
                     continue;
                 }
@@ -388,7 +447,7 @@ impl Builder {
     }
 
     /// The error for two sources providing the same non-directory path.
-    fn conflict(&mut self, parent: u32, group: &[Entry], base: u32) -> Error {
+    fn conflict(&mut self, parent: u32, first: &Entry, second: &Entry, base: u32) -> Error {
         let mut describe = |e: &Entry| match &e.origin {
             EntryOrigin::Listed { dir } => {
                 crate::error::shown_path(&self.dir_path(base + *dir as u32).join(sys::os(&e.name)))
@@ -396,9 +455,9 @@ impl Builder {
             EntryOrigin::Graft(p) => crate::error::shown_path(p),
             EntryOrigin::Virtual(_) => "a directory created for the closure".to_string(),
         };
-        let (a, b) = (describe(&group[0]), describe(&group[1]));
+        let (a, b) = (describe(first), describe(second));
         let mut image = self.tree.image_path(parent);
-        image.push(sys::os(&group[0].name));
+        image.push(sys::os(&first.name));
         Error::at(&image, format!("provided by both {a} and {b}"))
     }
 
