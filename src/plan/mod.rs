@@ -291,7 +291,11 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
             generation: g,
             owner: opts.owner,
             otime: time,
-            max_inline: opts.max_inline,
+            // The kernel inlines at most what one leaf item holds
+            // (BTRFS_MAX_INLINE_DATA_SIZE); larger files go to extents.
+            max_inline: opts
+                .max_inline
+                .min((max_item_size(nodesize) - FILE_EXTENT_INLINE_HEADER) as u64),
         },
         nodesize,
     )?;

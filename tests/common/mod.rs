@@ -35,6 +35,7 @@ pub mod cycles;
 pub mod export;
 pub mod files;
 pub mod fuse;
+pub mod fuzz;
 pub mod model;
 pub mod mounts;
 pub mod nix;
