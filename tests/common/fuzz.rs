@@ -580,7 +580,9 @@ pub fn predicted_errors(spec: &Spec) -> Vec<&'static str> {
     }
     // Hard links: INODE_REF items per parent up to the item limit, the rest
     // in INODE_EXTREF items grouped by hash.
-    let mut names: BTreeMap<u64, Vec<(u64, usize, &[u8])>> = BTreeMap::new();
+    // inode -> (parent inode, node index, name) of each of its names.
+    type Names<'a> = BTreeMap<u64, Vec<(u64, usize, &'a [u8])>>;
+    let mut names: Names = BTreeMap::new();
     for (i, n) in nodes.iter().enumerate().skip(1) {
         if n.e.link.is_some() && !matches!(n.e.content, Content::Dir(_)) {
             names
