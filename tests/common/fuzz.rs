@@ -349,7 +349,10 @@ fn colliding_links(root: &mut Entry, dir: usize, over: usize, nodesize: u32) {
             extra += 1;
         }
         total += 18 + len;
-        k.insert(names_with_extref_hash(parent, 1, len, 0xe17e, b"z").remove(0), f.clone());
+        k.insert(
+            names_with_extref_hash(parent, 1, len, 0xe17e, b"z").remove(0),
+            f.clone(),
+        );
     }
 }
 
