@@ -468,6 +468,12 @@ fn apply(root: &mut Entry, a: &Adversity, salt: u64) {
         }
         Adversity::Deep { dir, depth, len } => {
             let mut d = pick(dir);
+            // Paths stay under PATH_MAX (with room for a mountpoint), so that
+            // a mount can be compared by path.
+            let used: usize = d.iter().map(|n| n.len() + 1).sum();
+            let budget = 3000usize.saturating_sub(used);
+            let depth = depth.min(budget / 12);
+            let len = len.min((budget / depth.max(1)).saturating_sub(1)).max(10);
             for i in 0..depth {
                 let mut n = format!("deep{i}-").into_bytes();
                 n.resize(len.max(n.len()), b'd');
@@ -775,4 +781,39 @@ pub fn check_spec(spec: &Spec) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Makes a generated tree one a Linux host could hold, for comparing with a
+/// mount: the kernel hides `user.*` xattrs of anything but regular files and
+/// directories (they cannot be set there), so those are dropped.
+pub fn host_realistic(e: &mut Entry) {
+    if !matches!(e.content, Content::Dir(_) | Content::File { .. }) {
+        e.meta.xattrs.retain(|(k, _)| !k.starts_with(b"user."));
+    }
+    if let Content::Dir(kids) = &mut e.content {
+        for k in kids.values_mut() {
+            host_realistic(k);
+        }
+    }
+}
+
+/// `n` valid cases (no predicted error) drawn from `spec()` with a fixed seed.
+pub fn sample_specs(n: usize, seed: u64) -> Vec<Spec> {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
+        ..Default::default()
+    });
+    let mut out = Vec::new();
+    while out.len() < n {
+        let mut s = spec()
+            .new_tree(&mut runner)
+            .expect("the generator makes trees")
+            .current();
+        host_realistic(&mut s.root);
+        if predicted_errors(&s).is_empty() {
+            out.push(s);
+        }
+    }
+    out
 }

@@ -200,10 +200,11 @@ fn apply_meta(p: &Path, m: &Meta) {
 /// Differences between a mounted image at `mnt` and the model: every entry's
 /// type, mode, owner, size, content (holes included), link target, device
 /// number, xattrs, hard-link groups and mtime.
-pub fn model_differences(mnt: &Path, model: &Entry) -> Vec<String> {
+/// With `owner`, every entry is expected to have that owner (`--owner`).
+pub fn model_differences(mnt: &Path, model: &Entry, owner: Option<(u32, u32)>) -> Vec<String> {
     let mut diffs = Vec::new();
     let mut inodes: BTreeMap<u64, u64> = BTreeMap::new();
-    compare_entry(mnt, b"", model, &mut inodes, &mut diffs);
+    compare_entry(mnt, b"", model, owner, &mut inodes, &mut diffs);
     diffs
 }
 
@@ -223,6 +224,7 @@ fn compare_entry(
     p: &Path,
     rel: &[u8],
     e: &Entry,
+    owner: Option<(u32, u32)>,
     inodes: &mut BTreeMap<u64, u64>,
     diffs: &mut Vec<String>,
 ) {
@@ -249,13 +251,14 @@ fn compare_entry(
     if m.mode() != want_mode {
         diffs.push(format!("{shown}: mode {:o} != {:o}", m.mode(), want_mode));
     }
-    if (m.uid(), m.gid()) != (e.meta.uid, e.meta.gid) {
+    let want_owner = owner.unwrap_or((e.meta.uid, e.meta.gid));
+    if (m.uid(), m.gid()) != want_owner {
         diffs.push(format!(
             "{shown}: owner {}:{} != {}:{}",
             m.uid(),
             m.gid(),
-            e.meta.uid,
-            e.meta.gid
+            want_owner.0,
+            want_owner.1
         ));
     }
     if (m.mtime(), m.mtime_nsec() as u32) != (e.meta.mtime.sec, e.meta.mtime.nsec) {
@@ -289,7 +292,14 @@ fn compare_entry(
                 let mut r = rel.to_vec();
                 r.push(b'/');
                 r.extend_from_slice(name);
-                compare_entry(&p.join(OsStr::from_bytes(name)), &r, c, inodes, diffs);
+                compare_entry(
+                    &p.join(OsStr::from_bytes(name)),
+                    &r,
+                    c,
+                    owner,
+                    inodes,
+                    diffs,
+                );
             }
         }
         Content::File { size, data, fill } => {
