@@ -36,6 +36,7 @@ pub mod export;
 pub mod files;
 pub mod fuse;
 pub mod fuzz;
+pub mod guest;
 pub mod model;
 pub mod mounts;
 pub mod nix;

@@ -1,0 +1,53 @@
+//! A real guest kernel reads the image: Debian's Linux 6.1 cloud kernel boots
+//! in QEMU with `MNT/fs.img` from `btrfsimg mount` as a read-only virtio disk
+//! (`cache=none`: O_DIRECT reads of the FUSE file), mounts it, lists every
+//! entry and hashes every file; all of it must equal the source. Needs root,
+//! FUSE, qemu-system-x86, busybox-static and the kernel from
+//! `.ci/guest-kernel`.
+
+mod common;
+
+use common::guest::*;
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn guest_linux_6_1_reads_the_fuse_image() {
+    let what = "guest_linux_6_1_reads_the_fuse_image";
+    if !fuse_available(what) {
+        return;
+    }
+    let Some(guest) = guest_available(what) else {
+        return;
+    };
+    let work = workdir("guest-read");
+    let src = work.path().join("src");
+    fuse_test_tree(&src);
+    let mut t = TreeBuilder::new(&src.join("extra"));
+    t.file(b"modes/setuid", b"s").chmod(b"modes/setuid", 0o4755);
+    t.file(b"modes/private", b"p")
+        .chmod(b"modes/private", 0o600);
+    t.dir(b"modes/sticky").chmod(b"modes/sticky", 0o1777);
+    t.file(b"owned", b"o").chown(b"owned", 1234, 5678);
+    t.fifo(b"fifo");
+    t.symlink(b"dangling", b"no/such/target");
+    t.finalize();
+    let args = fixed_args("0b0d0a0e-0011-4000-8000-000000000001");
+    let m = FuseMount::start(&src, &work.path().join("mnt"), &args);
+    let drive = format!(
+        "file={},format=raw,readonly=on,cache=none",
+        m.img().display()
+    );
+    let out = guest.run(&drive, LIST_AND_HASH, Duration::from_secs(300));
+    assert!(m.stop(libc::SIGTERM).success());
+    let (got, want) = (guest_listing(&out), expected_listing(&src));
+    let missing: Vec<_> = want.iter().filter(|l| !got.contains(l)).take(10).collect();
+    let extra: Vec<_> = got.iter().filter(|l| !want.contains(l)).take(10).collect();
+    assert!(
+        got == want,
+        "guest and source differ: {} vs {} lines; missing in the guest {missing:#?}; unexpected {extra:#?}",
+        got.len(),
+        want.len()
+    );
+    assert!(got.len() > 3000, "{} lines", got.len());
+}
