@@ -348,7 +348,12 @@ fn bench_scaling(work: &Path) {
             e.rss_mib,
             name_bytes as f64 / 1048576.0
         );
-        points.push((n as f64, r.rss_mib * 1048576.0, e.rss_mib * 1048576.0, name_bytes as f64));
+        points.push((
+            n as f64,
+            r.rss_mib * 1048576.0,
+            e.rss_mib * 1048576.0,
+            name_bytes as f64,
+        ));
         for d in &names {
             fs::rename(staged.join(d), root.join(d)).expect("move back");
         }

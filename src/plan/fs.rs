@@ -545,7 +545,11 @@ impl FsItems {
             let shown: Vec<String> = names
                 .iter()
                 .take(3)
-                .map(|n| format!("'{}'", crate::error::shown(n)))
+                .map(|n| match n.len() {
+                    // Long names are cut: the message stays readable.
+                    l if l > 40 => format!("'{}...' ({l} bytes)", crate::error::shown(&n[..32])),
+                    _ => format!("'{}'", crate::error::shown(n)),
+                })
                 .collect();
             match names.len() {
                 n if n > 3 => format!("{} and {} more", shown.join(", "), n - 3),
