@@ -4,11 +4,14 @@
 //! source walk → [`plan::Plan`] (pure data) → [`image::Image::read_at`] → frontends
 //! ([`export`], FUSE).
 
+pub mod compress;
+pub mod content;
 pub mod error;
 pub mod export;
 pub mod format;
 pub mod fuse;
 pub mod image;
+pub mod pipeline;
 pub mod plan;
 pub mod source;
 
@@ -29,9 +32,39 @@ pub fn plan_dir(root: &Path, opts: &Options) -> Result<plan::Plan> {
     )
 }
 
+/// How the content pass (with compression) runs.
+pub struct PassOptions<'a> {
+    /// Worker threads (0: one per core).
+    pub threads: usize,
+    /// Compressed payloads kept in memory for serving; the rest are made
+    /// again when read.
+    pub keep_bytes: u64,
+    /// Called with (file bytes done, total) as the pass goes.
+    pub progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+}
+
+impl Default for PassOptions<'_> {
+    fn default() -> Self {
+        PassOptions {
+            threads: 0,
+            keep_bytes: 256 << 20,
+            progress: None,
+        }
+    }
+}
+
 /// Walks all sources (ROOT, a Nix closure, overlays) and plans their image.
 /// Options are checked before anything is walked.
 pub fn plan_sources(sources: &source::Sources, opts: &Options) -> Result<plan::Plan> {
+    plan_sources_with(sources, opts, &PassOptions::default())
+}
+
+/// `plan_sources`, running a content pass (when compressing) as `pass` says.
+pub fn plan_sources_with(
+    sources: &source::Sources,
+    opts: &Options,
+    pass: &PassOptions,
+) -> Result<plan::Plan> {
     plan::limits::validate_options(opts)?;
     let tree = source::walk(
         sources,
@@ -41,11 +74,48 @@ pub fn plan_sources(sources: &source::Sources, opts: &Options) -> Result<plan::P
             threads: 0,
         },
     )?;
-    plan::build(tree, opts)
+    plan_tree(tree, opts, pass)
+}
+
+/// Plans a walked or generated tree, with a content pass when compressing.
+pub fn plan_tree(
+    tree: source::SourceTree,
+    opts: &Options,
+    pass: &PassOptions,
+) -> Result<plan::Plan> {
+    let Some(compression) = opts.compression else {
+        return plan::build(tree, opts);
+    };
+    let tree = std::sync::Arc::new(tree);
+    let threads = match pass.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let index = {
+        let reader = source::files::reader(tree.clone());
+        content::scan(
+            &tree,
+            reader.as_ref(),
+            &content::ContentOptions {
+                compression,
+                max_inline: plan::max_inline(opts),
+                threads,
+                keep_bytes: pass.keep_bytes,
+            },
+            pass.progress.unwrap_or(&|_, _| {}),
+        )?
+    };
+    let tree = std::sync::Arc::try_unwrap(tree)
+        .map_err(|_| Error::msg("internal error: the source tree is still shared"))?;
+    plan::build_with(tree, Some(index), opts)
 }
 
 /// Plans the image of a tree described in memory (`source::generated`).
 pub fn plan_generated(root: &source::generated::Entry, opts: &Options) -> Result<plan::Plan> {
     plan::limits::validate_options(opts)?;
-    plan::build(source::generated::build(root)?, opts)
+    plan_tree(
+        source::generated::build(root)?,
+        opts,
+        &PassOptions::default(),
+    )
 }

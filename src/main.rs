@@ -137,6 +137,11 @@ struct ImageArgs {
     /// (smallest image; it needs --extra-space or a resize before it can be written).
     #[arg(long)]
     no_rw_slack: bool,
+    /// Store file data compressed in the filesystem: no, zstd[:1..15] (default
+    /// level 3), zlib[:1..9] (default 3) or lzo. File data is then read once
+    /// while planning to learn the compressed sizes.
+    #[arg(long, value_name = "ALGO[:LEVEL]")]
+    compress: Option<String>,
     /// Metadata profile.
     #[arg(long, value_enum, default_value = "dup")]
     metadata: Profile,
@@ -238,6 +243,10 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
             .transpose()?
             .unwrap_or(0),
         rw_slack: !a.no_rw_slack,
+        compression: match &a.compress {
+            Some(c) => btrfsimg::compress::Compression::parse(c)?,
+            None => None,
+        },
         ..Options::default()
     })
 }
@@ -362,7 +371,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             if let Some(path) = output.as_deref().filter(|_| !to_stdout) {
                 export::check_output(path, force)?;
             }
-            let plan = btrfsimg::plan_sources(&srcs, &opts)?;
+            let plan = plan_with_progress(&srcs, &opts, !quiet && io::stderr().is_terminal())?;
             reading.store(false, Ordering::SeqCst);
             log::info!(
                 "planned {} bytes, {} tree blocks, {} data extents",
@@ -400,7 +409,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let opts = options(&image)?;
             let srcs = sources(root, &image)?;
             let start = std::time::Instant::now();
-            let plan = btrfsimg::plan_sources(&srcs, &opts)?;
+            let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal())?;
             let secs = start.elapsed().as_secs_f64();
             if bytes {
                 println!("{}", plan.total_bytes);
@@ -432,7 +441,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 &mount_opts,
             )?;
             fuse::check_mountpoint(&mountpoint)?;
-            let plan = btrfsimg::plan_sources(&srcs, &opts)?;
+            let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal())?;
             let img = std::sync::Arc::new(Image::with_block_cache(plan, cache as usize));
             fuse::serve(img, &mountpoint, &mopts, |path| {
                 use std::io::Write;
@@ -442,6 +451,39 @@ fn run(cli: Cli) -> Result<(), Error> {
             })
         }
     }
+}
+
+/// Plans, showing the content pass (when compressing) as a progress bar
+/// with a rate and ETA of file bytes read and compressed.
+fn plan_with_progress(srcs: &Sources, opts: &Options, progress: bool) -> Result<plan::Plan, Error> {
+    let bar = if progress && opts.compression.is_some() {
+        let pb =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "compressing {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        ) {
+            pb.set_style(style);
+        }
+        pb.enable_steady_tick(std::time::Duration::from_millis(500));
+        Some(pb)
+    } else {
+        None
+    };
+    let report = |done: u64, total: u64| {
+        if let Some(pb) = &bar {
+            pb.set_length(total);
+            pb.set_position(done);
+        }
+    };
+    let pass = btrfsimg::PassOptions {
+        progress: Some(&report),
+        ..Default::default()
+    };
+    let plan = btrfsimg::plan_sources_with(srcs, opts, &pass);
+    if let Some(pb) = &bar {
+        pb.finish_and_clear();
+    }
+    plan
 }
 
 fn mount_options(

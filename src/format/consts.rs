@@ -66,6 +66,8 @@ pub const EXTENT_FLAG_TREE_BLOCK: u64 = 0x2;
 
 // Feature flags.
 pub const INCOMPAT_MIXED_BACKREF: u64 = 0x1;
+pub const INCOMPAT_COMPRESS_LZO: u64 = 0x8;
+pub const INCOMPAT_COMPRESS_ZSTD: u64 = 0x10;
 pub const INCOMPAT_BIG_METADATA: u64 = 0x20;
 pub const INCOMPAT_EXTENDED_IREF: u64 = 0x40;
 pub const INCOMPAT_SKINNY_METADATA: u64 = 0x100;
@@ -86,6 +88,9 @@ pub const FT_FIFO: u8 = 5;
 pub const FT_SOCK: u8 = 6;
 pub const FT_SYMLINK: u8 = 7;
 pub const FT_XATTR: u8 = 8;
+
+/// INODE_ITEM flag: new writes to this file are compressed (chattr +c).
+pub const INODE_FLAG_COMPRESS: u64 = 0x800;
 
 pub const FILE_EXTENT_INLINE: u8 = 0;
 pub const FILE_EXTENT_REG: u8 = 1;

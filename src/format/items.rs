@@ -78,21 +78,23 @@ pub fn write_dir_record(
     DIR_ITEM_HEADER + name.len() + data.len()
 }
 
-/// Header of an inline file extent; the caller writes `ram_bytes` bytes after it.
-pub fn write_inline_extent_header(b: &mut [u8], generation: u64, ram_bytes: u64) {
+/// Header of an inline file extent holding `ram_bytes` file bytes; the caller
+/// writes the data (or, with `compression`, its payload) after it.
+pub fn write_inline_extent_header(b: &mut [u8], generation: u64, ram_bytes: u64, compression: u8) {
     put_u64(b, 0, generation);
     put_u64(b, 8, ram_bytes);
-    b[16] = 0;
+    b[16] = compression;
     b[17] = 0;
     put_u16(b, 18, 0);
     b[20] = FILE_EXTENT_INLINE;
 }
 
-/// A regular (uncompressed) file extent.
+/// A regular file extent (compression 0: stored as is; 1 zlib, 2 lzo, 3 zstd).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegularExtent {
     pub generation: u64,
     pub ram_bytes: u64,
+    pub compression: u8,
     pub disk_bytenr: u64,
     pub disk_num_bytes: u64,
     pub offset: u64,
@@ -103,7 +105,7 @@ impl RegularExtent {
     pub fn write(&self, b: &mut [u8]) {
         put_u64(b, 0, self.generation);
         put_u64(b, 8, self.ram_bytes);
-        b[16] = 0;
+        b[16] = self.compression;
         b[17] = 0;
         put_u16(b, 18, 0);
         b[20] = FILE_EXTENT_REG;

@@ -18,6 +18,8 @@ use std::io;
 pub trait BlockInputs {
     /// The first `out.len()` bytes of inline file `node`.
     fn inline_bytes(&self, node: u32, out: &mut [u8]) -> io::Result<()>;
+    /// The compressed payload of inline file `node` (exactly `out.len()` bytes).
+    fn inline_payload(&self, node: u32, out: &mut [u8]) -> io::Result<()>;
     /// The checksums of `count` data sectors from logical `start`, 4 bytes each.
     fn csums(&self, start: u64, count: u64, out: &mut [u8]) -> io::Result<()>;
 }
@@ -96,12 +98,21 @@ pub fn encode_body(
             }
         }
         Body::InlineFile { node, len } => {
-            write_inline_extent_header(out, g, *len);
+            write_inline_extent_header(out, g, *len, 0);
             inputs.inline_bytes(*node, &mut out[FILE_EXTENT_INLINE_HEADER..])?;
         }
         Body::InlineBytes(b) => {
-            write_inline_extent_header(out, g, b.len() as u64);
+            write_inline_extent_header(out, g, b.len() as u64, 0);
             out[FILE_EXTENT_INLINE_HEADER..].copy_from_slice(b);
+        }
+        Body::InlineCompressed {
+            node,
+            compression,
+            ram,
+            ..
+        } => {
+            write_inline_extent_header(out, g, *ram, *compression);
+            inputs.inline_payload(*node, &mut out[FILE_EXTENT_INLINE_HEADER..])?;
         }
         Body::Extent(e) => e.write(out),
         Body::Csum { start, count } => inputs.csums(*start, *count as u64, out)?,
@@ -130,6 +141,10 @@ mod tests {
     impl BlockInputs for Fake {
         fn inline_bytes(&self, _node: u32, out: &mut [u8]) -> io::Result<()> {
             out.fill(0xab);
+            Ok(())
+        }
+        fn inline_payload(&self, _node: u32, out: &mut [u8]) -> io::Result<()> {
+            out.fill(0xcd);
             Ok(())
         }
         fn csums(&self, _start: u64, count: u64, out: &mut [u8]) -> io::Result<()> {

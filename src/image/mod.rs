@@ -11,7 +11,9 @@
 pub mod csums;
 pub mod encode;
 
+use crate::content::Stored;
 use crate::format::*;
+use crate::plan::data::DataExtent;
 use crate::plan::space::RegionKind;
 use crate::plan::{BlockRef, Plan};
 use crate::source::files::{self, FileData};
@@ -29,11 +31,17 @@ use std::sync::Arc;
 /// finds every block's second copy still cached.
 pub const BLOCK_CACHE_BYTES: usize = crate::plan::space::METADATA_CHUNK_MAX as usize + (2 << 20);
 
+/// Recompressed payloads kept for readers that come back to the same extent
+/// (a 4 KiB reader of a 128 KiB compressed extent asks 32 times).
+const PAYLOAD_CACHE: usize = 128;
+
 pub struct Image {
     plan: Plan,
     files: Box<dyn FileData>,
     supers: Vec<Vec<u8>>,
     blocks: Mutex<LruCache<u64, Arc<Vec<u8>>>>,
+    /// Payloads of compressed extents made again, by logical address.
+    payloads: Mutex<LruCache<u64, Arc<[u8]>>>,
     csums: CsumTable,
     source_bytes: AtomicU64,
 }
@@ -64,6 +72,9 @@ impl Image {
             files,
             blocks: Mutex::new(LruCache::new(
                 NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN),
+            )),
+            payloads: Mutex::new(LruCache::new(
+                NonZeroUsize::new(PAYLOAD_CACHE).unwrap_or(NonZeroUsize::MIN),
             )),
             csums: CsumTable::new(plan.data_sectors),
             source_bytes: AtomicU64::new(0),
@@ -221,11 +232,17 @@ impl Image {
                         continue;
                     }
                     let n = (end.min(e.end()) - pos) as usize;
-                    self.read_file(
-                        e.node,
-                        e.file_offset + (pos - e.logical),
-                        &mut out[o..o + n],
-                    )?;
+                    let within = pos - e.logical;
+                    if e.algorithm.is_some() {
+                        let p = self.payload(e)?;
+                        let dst = &mut out[o..o + n];
+                        let from = (within as usize).min(p.len());
+                        let have = (p.len() - from).min(n);
+                        dst[..have].copy_from_slice(&p[from..from + have]);
+                        dst[have..].fill(0);
+                    } else {
+                        self.read_file(e.node, e.file_offset + within, &mut out[o..o + n])?;
+                    }
                     pos += n as u64;
                     i += 1;
                 }
@@ -269,7 +286,70 @@ impl Image {
     }
 }
 
+impl Image {
+    /// The payload of compressed extent `e`: kept by the content pass, or
+    /// recently made, or made again now from the source (deterministically:
+    /// the same bytes the plan was made with, or the source changed).
+    fn payload(&self, e: &DataExtent) -> io::Result<Arc<[u8]>> {
+        let content = self
+            .plan
+            .content
+            .as_ref()
+            .expect("compressed extents come from a content pass");
+        let Some(Stored::Pieces { first, count }) = content.stored(e.node) else {
+            unreachable!("a compressed extent's file is stored in pieces")
+        };
+        let pieces = content.pieces(first, count);
+        let k = pieces.partition_point(|p| p.file_offset < e.file_offset);
+        let piece = pieces[k];
+        if let Some(p) = content.kept(first + k as u32) {
+            return Ok(p);
+        }
+        if let Some(p) = self.payloads.lock().get(&e.logical) {
+            return Ok(p.clone());
+        }
+        let size = self.plan.source.node(e.node).size;
+        let len = (piece.ram as u64).min(size - piece.file_offset) as usize;
+        let mut data = vec![0u8; len];
+        self.read_file(e.node, piece.file_offset, &mut data)?;
+        let p: Arc<[u8]> = content.compression.extent_payload(&data).into();
+        if p.len() != piece.payload as usize {
+            return Err(self.changed(e.node, "its data compresses to another size"));
+        }
+        self.payloads.lock().put(e.logical, p.clone());
+        Ok(p)
+    }
+
+    fn changed(&self, node: u32, what: &str) -> io::Error {
+        io::Error::other(format!(
+            "{}: source file changed after planning ({what})",
+            crate::error::shown_path(&self.plan.source.path(node))
+        ))
+    }
+}
+
 impl BlockInputs for Image {
+    fn inline_payload(&self, node: u32, out: &mut [u8]) -> io::Result<()> {
+        let content = self
+            .plan
+            .content
+            .as_ref()
+            .expect("compressed inline files come from a content pass");
+        let p = match content.kept_inline(node) {
+            Some(p) => p,
+            None => {
+                let mut data = vec![0u8; self.plan.source.node(node).size as usize];
+                self.read_file(node, 0, &mut data)?;
+                content.compression.inline_payload(&data).into()
+            }
+        };
+        if p.len() != out.len() {
+            return Err(self.changed(node, "its data compresses to another size"));
+        }
+        out.copy_from_slice(&p);
+        Ok(())
+    }
+
     fn inline_bytes(&self, node: u32, out: &mut [u8]) -> io::Result<()> {
         self.read_file(node, 0, out)
     }

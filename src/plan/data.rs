@@ -2,35 +2,69 @@
 //! back to back in DATA chunks, in inode order, so a sequential read of the image
 //! reads each source file once, front to back.
 
+use crate::compress::Algorithm;
+use crate::content::Piece;
 use crate::format::SECTOR_SIZE;
 use crate::source::{Segment, Segments};
 
 /// Largest extent the kernel itself creates.
 pub const MAX_EXTENT: u64 = 128 << 20;
 
-/// One data extent: `len` bytes (a sector multiple, at most `MAX_EXTENT`) at
-/// `logical`, holding the source bytes of `node` from `file_offset` (zeros past
-/// the end of the file). 24 bytes: there is one per extent of every file.
+/// One data extent: `size()` bytes on disk (a sector multiple, at most
+/// `MAX_EXTENT`) at `logical`, holding the source bytes of `node` from
+/// `file_offset`: as they are (zeros past the end of the file), or, with an
+/// algorithm, `ram()` file bytes compressed. 32 bytes: there is one per
+/// extent of every file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataExtent {
     pub logical: u64,
     pub file_offset: u64,
     pub node: u32,
     len: u32,
+    ram: u32,
+    pub algorithm: Option<Algorithm>,
 }
 
 impl DataExtent {
     pub fn new(logical: u64, len: u64, node: u32, file_offset: u64) -> DataExtent {
+        let len = u32::try_from(len).expect("extents are at most MAX_EXTENT long");
         DataExtent {
             logical,
             file_offset,
             node,
-            len: u32::try_from(len).expect("extents are at most MAX_EXTENT long"),
+            len,
+            ram: len,
+            algorithm: None,
         }
     }
 
+    /// A compressed extent of `disk` bytes holding `ram` file bytes.
+    pub fn compressed(
+        logical: u64,
+        disk: u64,
+        ram: u32,
+        node: u32,
+        file_offset: u64,
+        algorithm: Algorithm,
+    ) -> DataExtent {
+        DataExtent {
+            logical,
+            file_offset,
+            node,
+            len: u32::try_from(disk).expect("compressed extents are at most 128 KiB"),
+            ram,
+            algorithm: Some(algorithm),
+        }
+    }
+
+    /// Bytes on disk.
     pub fn size(&self) -> u64 {
         self.len as u64
+    }
+
+    /// File bytes it holds (ram_bytes, num_bytes).
+    pub fn ram(&self) -> u64 {
+        self.ram as u64
     }
 
     pub fn end(&self) -> u64 {
@@ -69,34 +103,107 @@ impl DataAllocator {
     /// Places one file's data segments.
     pub fn place(&mut self, node: u32, segments: Segments<'_>) {
         for seg in aligned(segments.iter()) {
-            let mut off = seg.offset;
-            let end = seg.offset + seg.len;
-            while off < end {
-                if let Some(x) = self
-                    .excluded
-                    .iter()
-                    .find(|x| x.start <= self.pos && self.pos < x.start + x.len)
-                {
-                    self.pos = x.start + x.len;
-                    continue;
+            self.place_raw(node, seg);
+        }
+    }
+
+    /// Places the pieces the content pass made of one file: runs of raw
+    /// pieces as ordinary extents (split as usual), each compressed piece
+    /// whole, moved past a chunk end or an excluded range it would cross.
+    pub fn place_pieces(&mut self, node: u32, pieces: &[Piece]) {
+        let mut run: Option<Segment> = None;
+        for p in pieces {
+            match p.algorithm {
+                None => {
+                    let seg = Segment {
+                        offset: p.file_offset,
+                        len: p.ram as u64,
+                    };
+                    run = match run {
+                        Some(r) if r.offset + r.len == seg.offset => Some(Segment {
+                            offset: r.offset,
+                            len: r.len + seg.len,
+                        }),
+                        Some(r) => {
+                            self.place_raw(node, r);
+                            Some(seg)
+                        }
+                        None => Some(seg),
+                    };
                 }
-                let chunk_end =
-                    self.start + ((self.pos - self.start) / self.chunk_size + 1) * self.chunk_size;
-                let next_excl = self
-                    .excluded
-                    .iter()
-                    .filter(|x| x.start > self.pos)
-                    .map(|x| x.start)
-                    .min()
-                    .unwrap_or(u64::MAX);
-                let len = (end - off)
-                    .min(MAX_EXTENT)
-                    .min(chunk_end - self.pos)
-                    .min(next_excl - self.pos);
-                self.extents.push(DataExtent::new(self.pos, len, node, off));
-                self.pos += len;
-                off += len;
+                Some(a) => {
+                    if let Some(r) = run.take() {
+                        self.place_raw(node, r);
+                    }
+                    let disk = p.disk();
+                    let at = self.fit(disk);
+                    self.extents.push(DataExtent::compressed(
+                        at,
+                        disk,
+                        p.ram,
+                        node,
+                        p.file_offset,
+                        a,
+                    ));
+                    self.pos = at + disk;
+                }
             }
+        }
+        if let Some(r) = run {
+            self.place_raw(node, r);
+        }
+    }
+
+    /// The first position from `pos` where `len` bytes fit without crossing
+    /// a chunk end or an excluded range.
+    fn fit(&mut self, len: u64) -> u64 {
+        loop {
+            if let Some(x) = self
+                .excluded
+                .iter()
+                .find(|x| x.start < self.pos + len && self.pos < x.start + x.len)
+            {
+                self.pos = x.start + x.len;
+                continue;
+            }
+            let chunk_end =
+                self.start + ((self.pos - self.start) / self.chunk_size + 1) * self.chunk_size;
+            if self.pos + len > chunk_end {
+                self.pos = chunk_end;
+                continue;
+            }
+            return self.pos;
+        }
+    }
+
+    fn place_raw(&mut self, node: u32, seg: Segment) {
+        let mut off = seg.offset;
+        let end = seg.offset + seg.len;
+        while off < end {
+            if let Some(x) = self
+                .excluded
+                .iter()
+                .find(|x| x.start <= self.pos && self.pos < x.start + x.len)
+            {
+                self.pos = x.start + x.len;
+                continue;
+            }
+            let chunk_end =
+                self.start + ((self.pos - self.start) / self.chunk_size + 1) * self.chunk_size;
+            let next_excl = self
+                .excluded
+                .iter()
+                .filter(|x| x.start > self.pos)
+                .map(|x| x.start)
+                .min()
+                .unwrap_or(u64::MAX);
+            let len = (end - off)
+                .min(MAX_EXTENT)
+                .min(chunk_end - self.pos)
+                .min(next_excl - self.pos);
+            self.extents.push(DataExtent::new(self.pos, len, node, off));
+            self.pos += len;
+            off += len;
         }
     }
 }

@@ -13,6 +13,7 @@ use super::data::DataExtent;
 use super::items::{Body, DirEntry, Item, ItemSource};
 use super::pack::Oversized;
 use super::trees::ExtentOwners;
+use crate::content::{ContentIndex, Stored};
 use crate::error::{Error, Result};
 use crate::format::hash::{extref_hash, name_hash};
 use crate::format::items::{InodeItem, RegularExtent};
@@ -37,6 +38,8 @@ const INLINE: u8 = 1;
 const LINKED: u8 = 2;
 const XATTR_COLLISION: u8 = 4;
 const DIR_COLLISION: u8 = 8;
+/// Stored compressed (inline or in at least one extent): gets INODE_FLAG_COMPRESS.
+const COMPRESSED: u8 = 16;
 
 /// 16 bytes per inode: the flags live in the top byte of the item index.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +113,8 @@ pub struct FsItems {
     xattr_items: BTreeMap<u32, u32>,
     links: BTreeMap<u32, Links>,
     extents: Arc<Vec<DataExtent>>,
+    /// What the content pass decided, when there was one.
+    content: Option<Arc<ContentIndex>>,
     policy: InodePolicy,
     items: u64,
 }
@@ -140,6 +145,7 @@ impl FsItems {
         objectid: u64,
         policy: InodePolicy,
         nodesize: u32,
+        content: Option<Arc<ContentIndex>>,
     ) -> Result<FsItems> {
         let n = tree.len();
         let mut node_ino = vec![0u32; n];
@@ -268,6 +274,7 @@ impl FsItems {
             xattr_items,
             links,
             extents: Arc::new(Vec::new()),
+            content,
             policy,
             items: 0,
         })
@@ -353,7 +360,7 @@ impl FsItems {
             Kind::File if inode.has(INLINE) => node.size,
             Kind::File => self.extents[self.ext_range(idx)]
                 .iter()
-                .map(|e| e.size())
+                .map(|e| e.ram())
                 .sum(),
             _ => 0,
         }
@@ -379,7 +386,13 @@ impl FsItems {
             gid,
             mode: node.mode(),
             rdev: node.rdev(),
-            flags: 0,
+            // Files stored compressed keep compressing when a booted system
+            // rewrites or appends to them, whatever the mount options say.
+            flags: if inode.has(COMPRESSED) {
+                INODE_FLAG_COMPRESS
+            } else {
+                0
+            },
             atime: mtime,
             ctime: mtime,
             mtime,
@@ -497,13 +510,25 @@ impl FsItems {
         let d = inode.node;
         let node = self.tree.node(d);
         if inode.has(INLINE) {
-            let body = if node.kind == Kind::Symlink {
-                Body::InlineBytes(self.tree.link_target(d))
-            } else {
-                Body::InlineFile {
+            let compressed = self.content.as_ref().and_then(|c| match c.stored(d) {
+                Some(Stored::Inline {
+                    algorithm: Some(a),
+                    payload,
+                }) => Some((a, payload)),
+                _ => None,
+            });
+            let body = match (node.kind, compressed) {
+                (Kind::Symlink, _) => Body::InlineBytes(self.tree.link_target(d)),
+                (_, Some((a, len))) => Body::InlineCompressed {
+                    node: d,
+                    compression: a.code(),
+                    ram: node.size,
+                    len,
+                },
+                _ => Body::InlineFile {
                     node: d,
                     len: node.size,
-                }
+                },
             };
             return Item {
                 key: Key::new(ino, EXTENT_DATA_KEY, 0),
@@ -515,11 +540,12 @@ impl FsItems {
             key: Key::new(ino, EXTENT_DATA_KEY, e.file_offset),
             body: Body::Extent(RegularExtent {
                 generation: self.policy.generation,
-                ram_bytes: e.size(),
+                ram_bytes: e.ram(),
+                compression: e.algorithm.map_or(0, |a| a.code()),
                 disk_bytenr: e.logical,
                 disk_num_bytes: e.size(),
                 offset: 0,
-                num_bytes: e.size(),
+                num_bytes: e.ram(),
             }),
         }
     }

@@ -31,6 +31,14 @@ pub enum Body<'a> {
     },
     /// Inline extent with bytes known at plan time (symlink targets).
     InlineBytes(&'a [u8]),
+    /// Inline extent holding the compressed payload (`len` bytes) of the
+    /// whole of source node `node` (`ram` bytes).
+    InlineCompressed {
+        node: u32,
+        compression: u8,
+        ram: u64,
+        len: u32,
+    },
     Extent(RegularExtent),
     /// Checksums of `count` data sectors starting at logical `start`.
     Csum {
@@ -81,6 +89,7 @@ impl Body<'_> {
             Body::Dir(d) => d.iter().map(|e| DIR_ITEM_HEADER + e.name.len()).sum(),
             Body::InlineFile { len, .. } => FILE_EXTENT_INLINE_HEADER + *len as usize,
             Body::InlineBytes(b) => FILE_EXTENT_INLINE_HEADER + b.len(),
+            Body::InlineCompressed { len, .. } => FILE_EXTENT_INLINE_HEADER + *len as usize,
             Body::Extent(_) => FILE_EXTENT_REG_SIZE,
             Body::Csum { count, .. } => *count as usize * CSUM_SIZE,
             Body::Root(_) => ROOT_ITEM_SIZE,

@@ -18,6 +18,8 @@ pub mod tree_id;
 pub mod trees;
 pub mod uuid;
 
+use crate::compress::Algorithm;
+use crate::content::{ContentIndex, Stored};
 use crate::error::{Error, Result};
 use crate::format::items::DevItem;
 use crate::format::superblock::{RootPtr, Superblock};
@@ -52,6 +54,8 @@ pub struct Options {
     /// Keep free metadata and data space so the image, at its exact size, can be
     /// mounted read-write and written a little (a first boot before a resize).
     pub rw_slack: bool,
+    /// Store file data compressed (needs the content pass's result).
+    pub compression: Option<crate::compress::Compression>,
 }
 
 impl Default for Options {
@@ -67,6 +71,7 @@ impl Default for Options {
             extra_space: 0,
             max_inline: 2048,
             rw_slack: true,
+            compression: None,
         }
     }
 }
@@ -109,6 +114,8 @@ pub struct Plan {
     pub fsid: [u8; 16],
     pub chunk_tree_uuid: [u8; 16],
     pub source: Arc<SourceTree>,
+    /// The content pass's result (compressed sizes, kept payloads), if any.
+    pub content: Option<Arc<ContentIndex>>,
     pub extents: Arc<Vec<DataExtent>>,
     pub trees: Vec<TreePlan>,
     /// Every tree block, sorted by logical address.
@@ -206,8 +213,15 @@ struct Ids {
 }
 
 impl Ids {
-    fn derive(tree: &SourceTree, opts: &Options) -> Ids {
-        let fsid = opts.fsid.unwrap_or_else(|| uuid::content_uuid(tree, opts));
+    fn derive(tree: &SourceTree, content: Option<&ContentIndex>, opts: &Options) -> Ids {
+        let fsid = opts.fsid.unwrap_or_else(|| {
+            let u = uuid::content_uuid(tree, opts);
+            match content {
+                // File bytes were read: the UUID covers them too.
+                Some(c) => uuid::derive_uuid(&[&u, &c.digest]),
+                None => u,
+            }
+        });
         Ids {
             fsid,
             chunk_tree: uuid::derive_uuid(&[&fsid, b"chunk tree"]),
@@ -224,12 +238,24 @@ struct Placement {
     end: u64,
 }
 
-/// Packs every regular file's data, in inode order, from `space::DATA_START`.
-fn place_data(tree: &SourceTree, fs: &FsItems, opts: &Options) -> Result<Placement> {
+/// Packs every regular file's data, in inode order, from `space::DATA_START`:
+/// as the content pass cut it, or (without one) as its data segments.
+fn place_data(
+    tree: &SourceTree,
+    fs: &FsItems,
+    content: Option<&ContentIndex>,
+    opts: &Options,
+) -> Result<Placement> {
     let start = space::DATA_START;
     let mut alloc = DataAllocator::new(start, space::DATA_CHUNK_MAX, space::data_exclusions(start));
     for node in fs.extent_files() {
-        alloc.place(node, tree.segments(node));
+        match content.and_then(|c| c.stored(node)) {
+            Some(Stored::Pieces { first, count }) => {
+                let c = content.expect("a stored file has a content index");
+                alloc.place_pieces(node, c.pieces(first, count));
+            }
+            _ => alloc.place(node, tree.segments(node)),
+        }
     }
     if alloc.extents.len() >= u32::MAX as usize {
         return Err(Error::msg(format!(
@@ -270,18 +296,42 @@ fn pack_internal(id: TreeId, items: &dyn ItemSource, nodesize: u32) -> Result<Sh
     })
 }
 
+/// The largest file stored inline: `max_inline`, but never more than one
+/// leaf item holds (the kernel's BTRFS_MAX_INLINE_DATA_SIZE).
+pub fn max_inline(opts: &Options) -> u64 {
+    opts.max_inline
+        .min((max_item_size(opts.nodesize) - FILE_EXTENT_INLINE_HEADER) as u64)
+}
+
+/// Plans a tree without reading any file data (no compression).
 pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
+    build_with(source, None, opts)
+}
+
+/// Plans a tree with what the content pass learned of its file data
+/// (required when `opts.compression` is set).
+pub fn build_with(
+    source: SourceTree,
+    content: Option<ContentIndex>,
+    opts: &Options,
+) -> Result<Plan> {
     // Checks and identities.
     limits::validate_options(opts)?;
     limits::validate_tree(&source)?;
+    if content.as_ref().map(|c| c.compression) != opts.compression {
+        return Err(Error::msg(
+            "internal error: the content pass used other compression options",
+        ));
+    }
     let nodesize = opts.nodesize;
     let g = GENERATION;
     let time = Timespec {
         sec: opts.timestamp,
         nsec: 0,
     };
-    let ids = Ids::derive(&source, opts);
+    let ids = Ids::derive(&source, content.as_ref(), opts);
     let tree = Arc::new(source);
+    let content = content.map(Arc::new);
 
     // Inodes, then data placement in inode order.
     let mut fs = FsItems::new(
@@ -291,15 +341,12 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
             generation: g,
             owner: opts.owner,
             otime: time,
-            // The kernel inlines at most what one leaf item holds
-            // (BTRFS_MAX_INLINE_DATA_SIZE); larger files go to extents.
-            max_inline: opts
-                .max_inline
-                .min((max_item_size(nodesize) - FILE_EXTENT_INLINE_HEADER) as u64),
+            max_inline: max_inline(opts),
         },
         nodesize,
+        content.clone(),
     )?;
-    let data = place_data(&tree, &fs, opts)?;
+    let data = place_data(&tree, &fs, content.as_deref(), opts)?;
     fs.set_extents(data.extents.clone());
     let owners = fs.owners();
 
@@ -378,6 +425,7 @@ pub fn build(source: SourceTree, opts: &Options) -> Result<Plan> {
         opts,
         ids,
         tree,
+        content,
         data,
         layout,
         total_bytes,
@@ -412,6 +460,7 @@ struct Assembly<'a> {
     opts: &'a Options,
     ids: Ids,
     tree: Arc<SourceTree>,
+    content: Option<Arc<ContentIndex>>,
     data: Placement,
     layout: layout::Layout,
     total_bytes: u64,
@@ -549,6 +598,11 @@ fn assemble(a: Assembly) -> Result<Plan> {
                 INCOMPAT_BIG_METADATA
             } else {
                 0
+            }
+            | match &a.content {
+                Some(c) if c.uses(Algorithm::Zstd) => INCOMPAT_COMPRESS_ZSTD,
+                Some(c) if c.uses(Algorithm::Lzo) => INCOMPAT_COMPRESS_LZO,
+                _ => 0,
             },
         dev_item,
         label: a.opts.label.clone(),
@@ -565,6 +619,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
         fsid: a.ids.fsid,
         chunk_tree_uuid: a.ids.chunk_tree,
         source: a.tree,
+        content: a.content,
         extents: a.data.extents,
         trees,
         blocks,

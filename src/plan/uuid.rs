@@ -38,6 +38,13 @@ pub fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
     h.update(opts.size.unwrap_or(0).to_le_bytes());
     h.update(opts.extra_space.to_le_bytes());
     h.update(opts.max_inline.to_le_bytes());
+    match opts.compression {
+        Some(c) => {
+            h.update([1, c.algorithm.code()]);
+            h.update(c.level.to_le_bytes());
+        }
+        None => h.update([0]),
+    }
     match opts.owner {
         Some((u, g)) => {
             h.update([1]);
