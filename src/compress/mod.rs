@@ -143,8 +143,13 @@ fn zlib_stream(data: &[u8], level: u32) -> Vec<u8> {
 /// at most `max` of them.
 pub fn decode(algorithm: Algorithm, payload: &[u8], max: usize) -> Result<Vec<u8>> {
     match algorithm {
-        Algorithm::Zstd => zstd::bulk::decompress(payload, max)
-            .map_err(|e| Error::msg(format!("zstd payload: {e}"))),
+        Algorithm::Zstd => {
+            // The frame is followed by the zero padding of its last sector.
+            let n = zstd::zstd_safe::find_frame_compressed_size(payload)
+                .map_err(|e| Error::msg(format!("zstd payload: {}", zstd::zstd_safe::get_error_name(e))))?;
+            zstd::bulk::decompress(&payload[..n], max)
+                .map_err(|e| Error::msg(format!("zstd payload: {e}")))
+        }
         Algorithm::Zlib => {
             use std::io::Read;
             let mut out = Vec::new();

@@ -255,8 +255,17 @@ fn options() -> impl Strategy<Value = Options> {
         prop_oneof![4 => Just(2048u64), 1 => Just(0u64), 1 => 0u64..=4095],
         proptest::option::of((0u32..3, 0u32..3)),
         prop_oneof![3 => Just(Vec::new()), 1 => vec(any::<u8>(), 0..=255)],
+        prop_oneof![
+            9 => Just(None),
+            1 => (1u32..=15).prop_map(|l| Some(format!("zstd:{l}"))),
+            1 => (1u32..=9).prop_map(|l| Some(format!("zlib:{l}"))),
+            1 => Just(Some("lzo".to_string())),
+        ],
     )
-        .prop_map(|(nodesize, dup, slack, max_inline, owner, label)| Options {
+        .prop_map(|(nodesize, dup, slack, max_inline, owner, label, compress)| Options {
+            compression: compress.and_then(|c| {
+                btrfsimg::compress::Compression::parse(&c).expect("valid spelling")
+            }),
             nodesize,
             metadata_dup: dup,
             rw_slack: slack,
@@ -746,6 +755,39 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
             "{seen} blocks reachable, {} planned",
             p.blocks.len()
         ));
+    }
+    // Every compressed extent decodes to the file bytes it stands for.
+    if let Some(c) = &p.content {
+        for e in p.extents.iter().filter(|e| e.algorithm.is_some()) {
+            let algo = e.algorithm.expect("filtered");
+            let phys = p
+                .regions
+                .iter()
+                .find_map(|r| match r.kind {
+                    RegionKind::Data { logical } if logical <= e.logical && e.logical < logical + r.len => {
+                        Some(r.start + e.logical - logical)
+                    }
+                    _ => None,
+                })
+                .ok_or("a compressed extent outside the data regions")?;
+            let mut disk = vec![0u8; e.size() as usize];
+            img.read_at(phys, &mut disk).map_err(|e| e.to_string())?;
+            let got = btrfsimg::compress::decode(algo, &disk, e.ram() as usize)
+                .map_err(|err| format!("extent at {}: {err}", e.logical))?;
+            let tree = &p.source;
+            let node = tree.node(e.node);
+            let fill = tree.fill(e.node).ok_or("no fill")?;
+            let mut want = vec![0u8; got.len()];
+            let segs = match tree.segments(e.node) {
+                btrfsimg::source::Segments::Sparse(s) => Some(s),
+                _ => None,
+            };
+            btrfsimg::source::generated::file_bytes(fill, node.size, segs, e.file_offset, &mut want);
+            if got != want {
+                return Err(format!("compressed extent at {} decodes to other bytes", e.logical));
+            }
+            let _ = c;
+        }
     }
     // All file data, through the data regions.
     for r in &p.regions {
