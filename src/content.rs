@@ -135,6 +135,11 @@ pub struct ContentOptions {
     pub keep_bytes: u64,
 }
 
+/// Called, in inode order, with every piece and its bytes as they will be on
+/// disk before the zero padding (the payload, or the file's bytes of a raw
+/// piece): a frontend that writes them now need not make them again.
+pub type PieceSink<'a> = &'a mut dyn FnMut(u32, &Piece, &[u8]) -> Result<()>;
+
 /// One unit of work: a small file (inline candidate) or one piece.
 enum Job {
     Small { node: u32, size: u64 },
@@ -151,6 +156,8 @@ enum Done {
     Piece {
         node: u32,
         piece: Piece,
+        /// The payload of a compressed piece, or the bytes of a raw one
+        /// when a sink wants them.
         payload: Option<Vec<u8>>,
         digest: [u8; 32],
     },
@@ -195,7 +202,9 @@ pub fn scan(
     files: &dyn FileData,
     opts: &ContentOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
+    mut sink: Option<PieceSink<'_>>,
 ) -> Result<ContentIndex> {
+    let want_raw = sink.is_some();
     let c = opts.compression;
     let nodes: Vec<u32> = (0..tree.len() as u32)
         .filter(|&n| tree.node(n).kind == Kind::File && tree.link_rep(n) == n)
@@ -268,7 +277,7 @@ pub fn scan(
                         return Ok(Done::Piece {
                             node,
                             piece,
-                            payload: None,
+                            payload: want_raw.then_some(data),
                             digest,
                         });
                     };
@@ -307,7 +316,7 @@ pub fn scan(
                             payload: ram as u32,
                             algorithm: None,
                         },
-                        payload: None,
+                        payload: want_raw.then_some(data),
                         digest,
                     }
                 })
@@ -367,7 +376,10 @@ pub fn scan(
                 {
                     *count += 1;
                 }
-                if let Some(p) = payload {
+                if let (Some(s), Some(p)) = (sink.as_mut(), &payload) {
+                    s(node, &piece, p)?;
+                }
+                if let (Some(p), Some(_)) = (payload, piece.algorithm) {
                     if index.kept_bytes + p.len() as u64 <= opts.keep_bytes {
                         index.kept_bytes += p.len() as u64;
                         index.kept.insert(i, p.into());

@@ -4,11 +4,16 @@
 //! the whole image has been written; an interrupted or failed export leaves
 //! nothing named like the output behind.
 
+use crate::content::Piece;
 use crate::error::{Error, Result};
+use crate::format::SECTOR_SIZE;
 use crate::image::Image;
+use crate::plan::data::{DataAllocator, DataExtent};
+use crate::plan::space;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,10 +79,14 @@ fn cancelled(opts: &ExportOptions) -> bool {
 /// Feeds the whole image, in order, to `sink(offset, bytes)`. With `skip_zero`,
 /// ranges the image knows to be zero are not produced (the sink sees a gap,
 /// and the walk jumps over it however large it is).
+/// Bytes handed to the sink at once: small enough that the progress bar
+/// moves at least every second even behind a slow encoder (zstd -19).
+const SLICE: usize = 256 << 10;
+
 fn pump(
     image: &Image,
     opts: &ExportOptions,
-    skip_zero: bool,
+    skip: Skip,
     mut sink: impl FnMut(u64, &[u8]) -> io::Result<()>,
 ) -> std::result::Result<(), Stop> {
     let pb = progress_bar(image, opts);
@@ -89,18 +98,44 @@ fn pump(
             pb.abandon();
             return Err(Stop::Interrupted);
         }
-        let want = CHUNK.min((size - off) as usize);
-        if skip_zero && image.is_zero_range(off, want as u64) {
-            off = image.seek_data(off).unwrap_or(size);
-        } else {
-            let n = image.read_at(off, &mut buf[..want]).map_err(Stop::Read)?;
-            sink(off, &buf[..n]).map_err(Stop::Write)?;
-            off += want as u64;
+        let mut want = CHUNK.min((size - off) as usize);
+        if skip == Skip::ZerosAndData {
+            match image.data_region(off) {
+                Some((start, end)) if start <= off => {
+                    off = end;
+                    pb.set_position(off);
+                    continue;
+                }
+                Some((start, _)) => want = want.min((start - off) as usize),
+                None => {}
+            }
         }
+        if skip != Skip::Nothing && image.is_zero_range(off, want as u64) {
+            // The next region starts beyond the zero range.
+            off = image.seek_data(off).unwrap_or(size);
+            pb.set_position(off);
+            continue;
+        }
+        let n = image.read_at(off, &mut buf[..want]).map_err(Stop::Read)?;
+        for (i, piece) in buf[..n].chunks(SLICE).enumerate() {
+            sink(off + (i * SLICE) as u64, piece).map_err(Stop::Write)?;
+            pb.set_position(off + (i * SLICE + piece.len()) as u64);
+        }
+        off += want as u64;
         pb.set_position(off);
     }
     pb.finish_and_clear();
     Ok(())
+}
+
+/// What `pump` may leave out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Skip {
+    Nothing,
+    /// Ranges the image knows to be zero.
+    Zeros,
+    /// Zeros and the data regions (already written by the content pass).
+    ZerosAndData,
 }
 
 /// Writes the image into a seekable file, leaving zero runs as holes.
@@ -108,11 +143,12 @@ fn write_sparse(
     image: &Image,
     file: &mut File,
     opts: &ExportOptions,
+    skip: Skip,
 ) -> std::result::Result<(), Stop> {
     // The full size first: a filesystem that cannot hold a file this large
     // (EFBIG) says so before anything is written.
     file.set_len(image.size()).map_err(Stop::Write)?;
-    pump(image, opts, true, |off, data| {
+    pump(image, opts, skip, |off, data| {
         for (i, piece) in data.chunks(HOLE_GRAIN).enumerate() {
             if piece.iter().all(|&b| b == 0) {
                 continue;
@@ -131,7 +167,7 @@ fn stream(
 ) -> std::result::Result<(), Stop> {
     match opts.zstd {
         None => {
-            pump(image, opts, false, |_, data| out.write_all(data))?;
+            pump(image, opts, Skip::Nothing, |_, data| out.write_all(data))?;
             out.flush().map_err(Stop::Write)
         }
         Some(level) => {
@@ -142,7 +178,7 @@ fn stream(
             enc.include_checksum(true).map_err(Stop::Write)?;
             enc.set_pledged_src_size(Some(image.size()))
                 .map_err(Stop::Write)?;
-            pump(image, opts, false, |_, data| enc.write_all(data))?;
+            pump(image, opts, Skip::Nothing, |_, data| enc.write_all(data))?;
             enc.finish().and_then(|w| w.flush()).map_err(Stop::Write)
         }
     }
@@ -241,33 +277,39 @@ fn commit(tmp: &Path, path: &Path, overwrite: bool) -> Result<()> {
     fs::rename(tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Writes the image to `path` via a temporary file renamed on success.
-pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOptions) -> Result<()> {
+/// A new temporary file next to `path`, removed unless committed.
+fn temp_output(path: &Path, overwrite: bool) -> Result<(TempOutput, File)> {
     check_output(path, overwrite)?;
     let (dir, name) = output_parts(path)?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".btrfsimg-{}.tmp", std::process::id()));
     let tmp_path = dir.join(tmp_name);
-    let mut guard = TempOutput {
-        path: tmp_path.clone(),
-        committed: false,
-    };
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .open(&tmp_path)
         .map_err(|e| Error::io(&tmp_path, e))?;
-    let written = match opts.zstd {
-        None => write_sparse(image, &mut file, opts),
-        Some(_) => {
-            let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
-            stream(image, &mut w, opts)
-        }
-    };
-    written
-        .and_then(|()| file.sync_all().map_err(Stop::Write))
+    Ok((
+        TempOutput {
+            path: tmp_path,
+            committed: false,
+        },
+        file,
+    ))
+}
+
+/// Syncs, checks for a late signal, and renames the temporary file into place.
+fn finish(
+    mut guard: TempOutput,
+    file: File,
+    path: &Path,
+    overwrite: bool,
+    opts: &ExportOptions,
+) -> Result<()> {
+    file.sync_all()
+        .map_err(Stop::Write)
         // A signal that came after the last chunk still means "do not finish".
         .and_then(|()| match cancelled(opts) {
             true => Err(Stop::Interrupted),
@@ -275,7 +317,150 @@ pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOpti
         })
         .map_err(|s| s.into_error(path))?;
     drop(file);
-    commit(&tmp_path, path, overwrite)?;
+    commit(&guard.path, path, overwrite)?;
     guard.committed = true;
     Ok(())
+}
+
+/// Writes the image to `path` via a temporary file renamed on success.
+pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOptions) -> Result<()> {
+    let (guard, mut file) = temp_output(path, overwrite)?;
+    let written = match opts.zstd {
+        None => write_sparse(image, &mut file, opts, Skip::Zeros),
+        Some(_) => {
+            let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
+            stream(image, &mut w, opts)
+        }
+    };
+    written.map_err(|s| s.into_error(path))?;
+    finish(guard, file, path, overwrite, opts)
+}
+
+/// A file export whose data region is written by the content pass itself:
+/// placement is incremental in inode order, so each piece can go to where
+/// the plan will put it as soon as it is made, its sector checksums recorded.
+/// No payload is kept in memory or made twice, and each source byte is read
+/// once. `finish` then checks that the plan placed every extent where the
+/// pieces went and writes the rest of the image.
+pub struct Spill {
+    path: PathBuf,
+    overwrite: bool,
+    out: Option<(TempOutput, File)>,
+    alloc: DataAllocator,
+    /// Checksums of data sectors from DATA_START, as written.
+    csums: Vec<u32>,
+    /// The placed extents, hashed, to compare with the plan's.
+    placed: sha2::Sha256,
+    count: u64,
+    /// Cleared before the temporary file exists (signals then stop the
+    /// export instead of ending the process).
+    reading: Option<Arc<AtomicBool>>,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+fn extent_digest(h: &mut sha2::Sha256, e: &DataExtent) {
+    use sha2::Digest;
+    h.update(e.logical.to_le_bytes());
+    h.update(e.size().to_le_bytes());
+    h.update(e.ram().to_le_bytes());
+    h.update(e.file_offset.to_le_bytes());
+    h.update(e.node.to_le_bytes());
+    h.update([e.algorithm.map_or(0, |a| a.code())]);
+}
+
+impl Spill {
+    pub fn new(
+        path: &Path,
+        overwrite: bool,
+        reading: Option<Arc<AtomicBool>>,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<Spill> {
+        check_output(path, overwrite)?;
+        Ok(Spill {
+            path: path.to_path_buf(),
+            overwrite,
+            out: None,
+            alloc: DataAllocator::new(
+                space::DATA_START,
+                space::DATA_CHUNK_MAX,
+                space::data_exclusions(space::DATA_START),
+            ),
+            csums: Vec::new(),
+            placed: <sha2::Sha256 as sha2::Digest>::new(),
+            count: 0,
+            reading,
+            cancel,
+        })
+    }
+
+    fn file(&mut self) -> Result<&mut File> {
+        if self.out.is_none() {
+            if let Some(r) = &self.reading {
+                r.store(false, Ordering::SeqCst);
+            }
+            self.out = Some(temp_output(&self.path, self.overwrite)?);
+        }
+        Ok(&mut self.out.as_mut().expect("just created").1)
+    }
+
+    /// One piece from the content pass (see `content::PieceSink`).
+    pub fn piece(&mut self, node: u32, piece: &Piece, bytes: &[u8]) -> Result<()> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err(Error::interrupted(&self.path));
+        }
+        let before = self.alloc.extents.len();
+        self.alloc.place_pieces(node, std::slice::from_ref(piece));
+        let placed: Vec<DataExtent> = self.alloc.extents.drain(before..).collect();
+        let path = self.path.clone();
+        for e in placed {
+            extent_digest(&mut self.placed, &e);
+            self.count += 1;
+            let from = match e.algorithm {
+                Some(_) => 0,
+                None => (e.file_offset - piece.file_offset) as usize,
+            };
+            let have = bytes.len().saturating_sub(from).min(e.size() as usize);
+            let mut disk = vec![0u8; e.size() as usize];
+            disk[..have].copy_from_slice(&bytes[from..from + have]);
+            // Data chunks map logical to physical one to one.
+            self.file()?
+                .write_all_at(&disk, e.logical)
+                .map_err(|err| Error::io(&path, err))?;
+            let first = ((e.logical - space::DATA_START) / SECTOR_SIZE) as usize;
+            let sectors = disk.len() / SECTOR_SIZE as usize;
+            if self.csums.len() < first + sectors {
+                self.csums.resize(first + sectors, 0);
+            }
+            for (k, s) in disk.chunks(SECTOR_SIZE as usize).enumerate() {
+                self.csums[first + k] = crate::format::hash::crc32c(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the rest of `image` (whose plan must have put every extent
+    /// where the pieces went) and renames the file into place.
+    pub fn finish(mut self, image: &Image, opts: &ExportOptions) -> Result<()> {
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        for e in image.plan().extents.iter() {
+            extent_digest(&mut h, e);
+        }
+        if image.plan().extents.len() as u64 != self.count
+            || sha2::Digest::finalize(h) != sha2::Digest::finalize(self.placed.clone())
+        {
+            return Err(Error::msg(
+                "internal error: the plan placed file data elsewhere than the content pass wrote it",
+            ));
+        }
+        image.preload_csums(&self.csums);
+        self.file()?;
+        let (guard, mut file) = self.out.take().expect("created above");
+        write_sparse(image, &mut file, opts, Skip::ZerosAndData)
+            .map_err(|s| s.into_error(&self.path))?;
+        finish(guard, file, &self.path, self.overwrite, opts)
+    }
 }

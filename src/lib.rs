@@ -56,14 +56,16 @@ impl Default for PassOptions<'_> {
 /// Walks all sources (ROOT, a Nix closure, overlays) and plans their image.
 /// Options are checked before anything is walked.
 pub fn plan_sources(sources: &source::Sources, opts: &Options) -> Result<plan::Plan> {
-    plan_sources_with(sources, opts, &PassOptions::default())
+    plan_sources_with(sources, opts, &PassOptions::default(), None)
 }
 
-/// `plan_sources`, running a content pass (when compressing) as `pass` says.
+/// `plan_sources`, running a content pass (when compressing) as `pass` says,
+/// giving `sink` every piece's bytes (see `content::PieceSink`).
 pub fn plan_sources_with(
     sources: &source::Sources,
     opts: &Options,
     pass: &PassOptions,
+    sink: Option<content::PieceSink<'_>>,
 ) -> Result<plan::Plan> {
     plan::limits::validate_options(opts)?;
     let tree = source::walk(
@@ -74,7 +76,7 @@ pub fn plan_sources_with(
             threads: 0,
         },
     )?;
-    plan_tree(tree, opts, pass)
+    plan_tree(tree, opts, pass, sink)
 }
 
 /// Plans a walked or generated tree, with a content pass when compressing.
@@ -82,6 +84,7 @@ pub fn plan_tree(
     tree: source::SourceTree,
     opts: &Options,
     pass: &PassOptions,
+    sink: Option<content::PieceSink<'_>>,
 ) -> Result<plan::Plan> {
     let Some(compression) = opts.compression else {
         return plan::build(tree, opts);
@@ -103,6 +106,7 @@ pub fn plan_tree(
                 keep_bytes: pass.keep_bytes,
             },
             pass.progress.unwrap_or(&|_, _| {}),
+            sink,
         )?
     };
     let tree = std::sync::Arc::try_unwrap(tree)
@@ -117,5 +121,6 @@ pub fn plan_generated(root: &source::generated::Entry, opts: &Options) -> Result
         source::generated::build(root)?,
         opts,
         &PassOptions::default(),
+        None,
     )
 }

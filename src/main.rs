@@ -38,7 +38,8 @@ enum Cmd {
         #[arg(long, value_name = "LEVEL", num_args = 0..=1, default_missing_value = "3",
               require_equals = true, allow_negative_numbers = true)]
         zstd: Option<i32>,
-        /// zstd worker threads [default: all cores].
+        /// Worker threads compressing (--compress, --zstd) [default: all cores];
+        /// any number gives the same bytes.
         #[arg(long)]
         threads: Option<u32>,
         /// No progress bar.
@@ -371,7 +372,42 @@ fn run(cli: Cli) -> Result<(), Error> {
             if let Some(path) = output.as_deref().filter(|_| !to_stdout) {
                 export::check_output(path, force)?;
             }
-            let plan = plan_with_progress(&srcs, &opts, !quiet && io::stderr().is_terminal())?;
+            let eopts = export::ExportOptions {
+                zstd,
+                threads: threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+                }),
+                progress: !quiet && io::stderr().is_terminal(),
+                cancel: Some(cancel.clone()),
+            };
+            // A compressed image written to a file gets its data region from
+            // the content pass directly: nothing is compressed twice.
+            let mut spill = match (&output, to_stdout, zstd, opts.compression) {
+                (Some(path), false, None, Some(_)) => Some(export::Spill::new(
+                    path,
+                    force,
+                    Some(reading.clone()),
+                    Some(cancel.clone()),
+                )?),
+                _ => None,
+            };
+            let mut sink = |node: u32, piece: &btrfsimg::content::Piece, bytes: &[u8]| {
+                spill
+                    .as_mut()
+                    .expect("the sink is only given with a spill")
+                    .piece(node, piece, bytes)
+            };
+            let plan = plan_with_progress(
+                &srcs,
+                &opts,
+                eopts.progress,
+                threads.unwrap_or(0) as usize,
+                if spill_wanted(&output, to_stdout, zstd, &opts) {
+                    Some(&mut sink)
+                } else {
+                    None
+                },
+            )?;
             reading.store(false, Ordering::SeqCst);
             log::info!(
                 "planned {} bytes, {} tree blocks, {} data extents",
@@ -380,14 +416,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 plan.extents.len()
             );
             let img = Image::new(plan);
-            let eopts = export::ExportOptions {
-                zstd,
-                threads: threads.unwrap_or_else(|| {
-                    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
-                }),
-                progress: !quiet && io::stderr().is_terminal(),
-                cancel: Some(cancel),
-            };
+            if let Some(s) = spill {
+                return s.finish(&img, &eopts);
+            }
             if to_stdout {
                 let stdout = io::stdout();
                 let mut lock = stdout.lock();
@@ -409,7 +440,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let opts = options(&image)?;
             let srcs = sources(root, &image)?;
             let start = std::time::Instant::now();
-            let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal())?;
+            let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal(), 0, None)?;
             let secs = start.elapsed().as_secs_f64();
             if bytes {
                 println!("{}", plan.total_bytes);
@@ -441,7 +472,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 &mount_opts,
             )?;
             fuse::check_mountpoint(&mountpoint)?;
-            let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal())?;
+            let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal(), 0, None)?;
             let img = std::sync::Arc::new(Image::with_block_cache(plan, cache as usize));
             fuse::serve(img, &mountpoint, &mopts, |path| {
                 use std::io::Write;
@@ -455,7 +486,23 @@ fn run(cli: Cli) -> Result<(), Error> {
 
 /// Plans, showing the content pass (when compressing) as a progress bar
 /// with a rate and ETA of file bytes read and compressed.
-fn plan_with_progress(srcs: &Sources, opts: &Options, progress: bool) -> Result<plan::Plan, Error> {
+/// Whether an export writes its data region during the content pass.
+fn spill_wanted(
+    output: &Option<PathBuf>,
+    to_stdout: bool,
+    zstd: Option<i32>,
+    opts: &Options,
+) -> bool {
+    output.is_some() && !to_stdout && zstd.is_none() && opts.compression.is_some()
+}
+
+fn plan_with_progress(
+    srcs: &Sources,
+    opts: &Options,
+    progress: bool,
+    threads: usize,
+    sink: Option<btrfsimg::content::PieceSink<'_>>,
+) -> Result<plan::Plan, Error> {
     let bar = if progress && opts.compression.is_some() {
         let pb =
             indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
@@ -477,9 +524,15 @@ fn plan_with_progress(srcs: &Sources, opts: &Options, progress: bool) -> Result<
     };
     let pass = btrfsimg::PassOptions {
         progress: Some(&report),
-        ..Default::default()
+        threads,
+        // Pieces given to a sink are written already: keep none of them.
+        keep_bytes: if sink.is_some() {
+            0
+        } else {
+            btrfsimg::PassOptions::default().keep_bytes
+        },
     };
-    let plan = btrfsimg::plan_sources_with(srcs, opts, &pass);
+    let plan = btrfsimg::plan_sources_with(srcs, opts, &pass, sink);
     if let Some(pb) = &bar {
         pb.finish_and_clear();
     }

@@ -51,7 +51,10 @@ where
         consumed: 0,
         stop: false,
     });
-    let cv = Condvar::new();
+    // Workers wait on `room` (the look-ahead is full), the consumer on `ready`
+    // (its next result is not there yet): each wakes only who can proceed.
+    let room = Condvar::new();
+    let ready = Condvar::new();
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -71,18 +74,22 @@ where
                                 }
                                 None => {
                                     st.exhausted = true;
-                                    cv.notify_all();
+                                    ready.notify_one();
+                                    room.notify_all();
                                     return;
                                 }
                             }
                         }
-                        st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                        st = room.wait(st).unwrap_or_else(|e| e.into_inner());
                     }
                 };
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(job)))
                     .unwrap_or_else(|_| Err(panicked()));
-                lock().done.insert(seq, r);
-                cv.notify_all();
+                let mut st = lock();
+                st.done.insert(seq, r);
+                if seq == st.consumed {
+                    ready.notify_one();
+                }
             });
         }
         let result = (|| loop {
@@ -96,15 +103,15 @@ where
                     if st.exhausted && st.next == c {
                         return Ok(());
                     }
-                    st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                    st = ready.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
             };
             consume(r?)?;
             lock().consumed += 1;
-            cv.notify_all();
+            room.notify_one();
         })();
         lock().stop = true;
-        cv.notify_all();
+        room.notify_all();
         result
     })
 }

@@ -145,8 +145,12 @@ pub fn decode(algorithm: Algorithm, payload: &[u8], max: usize) -> Result<Vec<u8
     match algorithm {
         Algorithm::Zstd => {
             // The frame is followed by the zero padding of its last sector.
-            let n = zstd::zstd_safe::find_frame_compressed_size(payload)
-                .map_err(|e| Error::msg(format!("zstd payload: {}", zstd::zstd_safe::get_error_name(e))))?;
+            let n = zstd::zstd_safe::find_frame_compressed_size(payload).map_err(|e| {
+                Error::msg(format!(
+                    "zstd payload: {}",
+                    zstd::zstd_safe::get_error_name(e)
+                ))
+            })?;
             zstd::bulk::decompress(&payload[..n], max)
                 .map_err(|e| Error::msg(format!("zstd payload: {e}")))
         }

@@ -149,6 +149,25 @@ impl Image {
         regions.get(idx).is_none_or(|r| r.start >= end)
     }
 
+    /// The first data region (file data) that ends after `offset`, as
+    /// physical (start, end).
+    pub fn data_region(&self, offset: u64) -> Option<(u64, u64)> {
+        let regions = &self.plan.regions;
+        let idx = regions.partition_point(|r| r.end() <= offset);
+        regions[idx..]
+            .iter()
+            .find(|r| matches!(r.kind, RegionKind::Data { .. }))
+            .map(|r| (r.start, r.end()))
+    }
+
+    /// Checksums of the data sectors from the start of the data area, as a
+    /// frontend that wrote them computed them: csum leaves then need no data.
+    pub fn preload_csums(&self, csums: &[u32]) {
+        for (i, &c) in csums.iter().enumerate() {
+            self.csums.set(i as u64, c);
+        }
+    }
+
     /// First offset at or after `offset` that may hold non-zero bytes (SEEK_DATA).
     pub fn seek_data(&self, offset: u64) -> Option<u64> {
         let regions = &self.plan.regions;

@@ -107,34 +107,22 @@ impl DataAllocator {
         }
     }
 
-    /// Places the pieces the content pass made of one file: runs of raw
-    /// pieces as ordinary extents (split as usual), each compressed piece
-    /// whole, moved past a chunk end or an excluded range it would cross.
+    /// Places the pieces the content pass made of one file, one extent per
+    /// piece (so placing them one at a time, as the content pass meets them,
+    /// gives the same extents): a raw piece as an ordinary extent (split at a
+    /// chunk end or excluded range), a compressed one whole, moved past a
+    /// chunk end or an excluded range it would cross.
     pub fn place_pieces(&mut self, node: u32, pieces: &[Piece]) {
-        let mut run: Option<Segment> = None;
         for p in pieces {
             match p.algorithm {
-                None => {
-                    let seg = Segment {
+                None => self.place_raw(
+                    node,
+                    Segment {
                         offset: p.file_offset,
                         len: p.ram as u64,
-                    };
-                    run = match run {
-                        Some(r) if r.offset + r.len == seg.offset => Some(Segment {
-                            offset: r.offset,
-                            len: r.len + seg.len,
-                        }),
-                        Some(r) => {
-                            self.place_raw(node, r);
-                            Some(seg)
-                        }
-                        None => Some(seg),
-                    };
-                }
+                    },
+                ),
                 Some(a) => {
-                    if let Some(r) = run.take() {
-                        self.place_raw(node, r);
-                    }
                     let disk = p.disk();
                     let at = self.fit(disk);
                     self.extents.push(DataExtent::compressed(
@@ -148,9 +136,6 @@ impl DataAllocator {
                     self.pos = at + disk;
                 }
             }
-        }
-        if let Some(r) = run {
-            self.place_raw(node, r);
         }
     }
 

@@ -164,15 +164,27 @@ impl FsItems {
             let idx = inodes.len() as u32;
             node_ino[i as usize] = idx;
             let mut flags = 0;
-            let inline = match node.kind {
-                Kind::Symlink => true,
-                Kind::File => {
+            let stored = content.as_ref().and_then(|c| c.stored(i));
+            let inline = match (node.kind, stored) {
+                (Kind::Symlink, _) => true,
+                (Kind::File, Some(s)) => matches!(s, Stored::Inline { .. }),
+                (Kind::File, None) => {
                     node.size > 0 && node.size <= policy.max_inline && !tree.segments(i).is_empty()
                 }
                 _ => false,
             };
             if inline {
                 flags |= INLINE;
+            }
+            let compressed = match stored {
+                Some(Stored::Inline { algorithm, .. }) => algorithm.is_some(),
+                Some(Stored::Pieces { first, count }) => content
+                    .as_ref()
+                    .is_some_and(|c| c.pieces(first, count).iter().any(|p| p.algorithm.is_some())),
+                None => false,
+            };
+            if compressed {
+                flags |= COMPRESSED;
             }
             let count = tree.xattr_count(i);
             if count > 1 {

@@ -262,20 +262,22 @@ fn options() -> impl Strategy<Value = Options> {
             1 => Just(Some("lzo".to_string())),
         ],
     )
-        .prop_map(|(nodesize, dup, slack, max_inline, owner, label, compress)| Options {
-            compression: compress.and_then(|c| {
-                btrfsimg::compress::Compression::parse(&c).expect("valid spelling")
-            }),
-            nodesize,
-            metadata_dup: dup,
-            rw_slack: slack,
-            max_inline,
-            owner,
-            label,
-            fsid: Some([0x5a; 16]),
-            timestamp: 1_700_000_000,
-            ..Options::default()
-        })
+        .prop_map(
+            |(nodesize, dup, slack, max_inline, owner, label, compress)| Options {
+                compression: compress.and_then(|c| {
+                    btrfsimg::compress::Compression::parse(&c).expect("valid spelling")
+                }),
+                nodesize,
+                metadata_dup: dup,
+                rw_slack: slack,
+                max_inline,
+                owner,
+                label,
+                fsid: Some([0x5a; 16]),
+                timestamp: 1_700_000_000,
+                ..Options::default()
+            },
+        )
 }
 
 /// Whole cases: options, a random tree, and up to three adversities.
@@ -764,7 +766,9 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
                 .regions
                 .iter()
                 .find_map(|r| match r.kind {
-                    RegionKind::Data { logical } if logical <= e.logical && e.logical < logical + r.len => {
+                    RegionKind::Data { logical }
+                        if logical <= e.logical && e.logical < logical + r.len =>
+                    {
                         Some(r.start + e.logical - logical)
                     }
                     _ => None,
@@ -782,9 +786,18 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
                 btrfsimg::source::Segments::Sparse(s) => Some(s),
                 _ => None,
             };
-            btrfsimg::source::generated::file_bytes(fill, node.size, segs, e.file_offset, &mut want);
+            btrfsimg::source::generated::file_bytes(
+                fill,
+                node.size,
+                segs,
+                e.file_offset,
+                &mut want,
+            );
             if got != want {
-                return Err(format!("compressed extent at {} decodes to other bytes", e.logical));
+                return Err(format!(
+                    "compressed extent at {} decodes to other bytes",
+                    e.logical
+                ));
             }
             let _ = c;
         }
