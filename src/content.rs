@@ -1,10 +1,12 @@
 //! The content pass: what only file bytes can tell, learned before any
-//! address is fixed. With compression, every regular file is read once, in
-//! inode order, on all cores, and each piece of at most 128 KiB is compressed
-//! to learn its size; the result is plain data for the planner (which pieces
-//! are stored compressed, how long each payload is, which small files go
-//! inline) plus the payloads that fit a memory budget. A payload not kept is
-//! made again, identically, when its bytes are served.
+//! address is fixed. Every regular file is read once, in inode order, on all
+//! cores. With compression, each piece of at most 128 KiB is compressed to
+//! learn its size; with dedupe, every file's content is hashed and a file
+//! whose bytes equal an earlier file's shares that file's extents. The result
+//! is plain data for the planner (which pieces are stored compressed, how
+//! long each payload is, which small files go inline, which files share)
+//! plus the payloads that fit a memory budget. A payload not kept is made
+//! again, identically, when its bytes are served.
 //!
 //! Decisions follow the kernel's (`compress_file_range`, `cow_file_range_inline`):
 //! a piece is stored compressed only if that saves at least one sector; a
@@ -18,9 +20,14 @@ use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
 use crate::source::files::FileData;
 use crate::source::{Kind, Segments, SourceTree};
+use sha2::Digest;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Raw pieces without compression (only with dedupe): large enough to keep
+/// extents few, small enough to bound the memory of pieces in flight.
+const RAW_PIECE: u64 = 1 << 20;
 
 /// One piece of a file's data as it will be stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,11 +59,14 @@ pub enum Stored {
     },
     /// Pieces `first..first + count` of the index.
     Pieces { first: u32, count: u32 },
+    /// The same bytes as the earlier file `node`: it shares its extents.
+    Shared { node: u32 },
 }
 
 /// What the content pass learned.
 pub struct ContentIndex {
-    pub compression: Compression,
+    pub compression: Option<Compression>,
+    pub dedupe: bool,
     /// (node, how it is stored), sorted by node.
     files: Vec<(u32, Stored)>,
     pieces: Vec<Piece>,
@@ -70,6 +80,9 @@ pub struct ContentIndex {
     pub bytes_read: u64,
     /// Bytes of payload kept.
     pub kept_bytes: u64,
+    /// Files that share an earlier file's extents, and the data they did not add.
+    pub shared_files: u64,
+    pub shared_bytes: u64,
 }
 
 impl ContentIndex {
@@ -101,33 +114,11 @@ impl ContentIndex {
     pub fn kept_inline(&self, node: u32) -> Option<Arc<[u8]>> {
         self.kept_inline.get(&node).cloned()
     }
-
-    /// Bytes of the file stored in pieces (for the UUID): each piece's
-    /// offset, size and payload size.
-    pub fn summary_of(&self, node: u32) -> Vec<u64> {
-        match self.stored(node) {
-            None => Vec::new(),
-            Some(Stored::Inline { algorithm, payload }) => {
-                vec![0, algorithm.map_or(0, |a| a.code() as u64), payload as u64]
-            }
-            Some(Stored::Pieces { first, count }) => self
-                .pieces(first, count)
-                .iter()
-                .flat_map(|p| {
-                    [
-                        p.file_offset,
-                        p.ram as u64,
-                        p.payload as u64,
-                        p.algorithm.map_or(0, |a| a.code() as u64),
-                    ]
-                })
-                .collect(),
-        }
-    }
 }
 
 pub struct ContentOptions {
-    pub compression: Compression,
+    pub compression: Option<Compression>,
+    pub dedupe: bool,
     /// Largest inline file (already clamped to what one leaf item holds).
     pub max_inline: u64,
     pub threads: usize,
@@ -135,10 +126,15 @@ pub struct ContentOptions {
     pub keep_bytes: u64,
 }
 
-/// Called, in inode order, with every piece and its bytes as they will be on
-/// disk before the zero padding (the payload, or the file's bytes of a raw
-/// piece): a frontend that writes them now need not make them again.
-pub type PieceSink<'a> = &'a mut dyn FnMut(u32, &Piece, &[u8]) -> Result<()>;
+/// Told, in inode order, every piece and its bytes as they will be on disk
+/// before the zero padding (the payload, or the file's bytes of a raw piece),
+/// so that a frontend writing them now need not make them again; and told
+/// when the pieces of the file last given turned out to duplicate an earlier
+/// file's (dedupe): they are not stored after all.
+pub trait PieceSink {
+    fn piece(&mut self, node: u32, piece: &Piece, bytes: &[u8]) -> Result<()>;
+    fn discard(&mut self, node: u32) -> Result<()>;
+}
 
 /// One unit of work: a small file (inline candidate) or one piece.
 enum Job {
@@ -164,14 +160,13 @@ enum Done {
 }
 
 fn sha256(b: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
     sha2::Sha256::digest(b).into()
 }
 
 /// The pieces of a file's data: each aligned data segment cut into runs of
-/// at most 128 KiB from its start; `len` is the real bytes (the last piece of
-/// the file ends at its size).
-pub fn cut(size: u64, segments: Segments<'_>) -> Vec<(u64, u64)> {
+/// at most `max` bytes from its start; `len` is the real bytes (the last
+/// piece of the file ends at its size).
+pub fn cut(size: u64, segments: Segments<'_>, max: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let s = SECTOR_SIZE;
     let mut aligned: Vec<(u64, u64)> = Vec::new();
@@ -186,12 +181,22 @@ pub fn cut(size: u64, segments: Segments<'_>) -> Vec<(u64, u64)> {
     for (a, b) in aligned {
         let mut pos = a;
         while pos < b {
-            let end = (pos + MAX_UNCOMPRESSED as u64).min(b);
+            let end = (pos + max).min(b);
             out.push((pos, end.min(size) - pos));
             pos = end;
         }
     }
     out
+}
+
+/// The file being assembled by the consumer (for dedupe: its pieces are
+/// placed, then dropped if the whole file equals an earlier one).
+struct Current {
+    node: u32,
+    first_piece: usize,
+    hasher: sha2::Sha256,
+    kept: Vec<(u32, u64)>,
+    bytes: u64,
 }
 
 /// Runs the pass over every regular file of `tree` (first links only), in
@@ -202,7 +207,7 @@ pub fn scan(
     files: &dyn FileData,
     opts: &ContentOptions,
     progress: &(dyn Fn(u64, u64) + Sync),
-    mut sink: Option<PieceSink<'_>>,
+    mut sink: Option<&mut dyn PieceSink>,
 ) -> Result<ContentIndex> {
     let want_raw = sink.is_some();
     let c = opts.compression;
@@ -214,16 +219,19 @@ pub fn scan(
         .iter()
         .map(|&n| tree.segments(n).iter().map(|s| s.len).sum::<u64>())
         .sum();
-    let small = |n: u32| {
-        let node = tree.node(n);
-        node.size <= SECTOR_SIZE && matches!(tree.segments(n), Segments::Whole(_))
+    let small =
+        |n: u32| tree.node(n).size <= SECTOR_SIZE && matches!(tree.segments(n), Segments::Whole(_));
+    let piece_max = if c.is_some() {
+        MAX_UNCOMPRESSED as u64
+    } else {
+        RAW_PIECE
     };
     let jobs = nodes.iter().flat_map(|&n| {
         let size = tree.node(n).size;
         let v: Vec<Job> = if small(n) {
             vec![Job::Small { node: n, size }]
         } else {
-            cut(size, tree.segments(n))
+            cut(size, tree.segments(n), piece_max)
                 .into_iter()
                 .map(|(offset, len)| Job::Piece {
                     node: n,
@@ -242,45 +250,43 @@ pub fn scan(
         progress(done, total);
         Ok(buf)
     };
+    let raw_piece = |offset: u64, ram: u64| Piece {
+        file_offset: offset,
+        ram: ram as u32,
+        payload: ram as u32,
+        algorithm: None,
+    };
     let work = |j: Job| -> Result<Done> {
         match j {
             Job::Small { node, size } => {
                 let data = read_bytes(node, 0, size)?;
-                let p = c.inline_payload(&data);
                 let ram = size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
                 let digest = sha256(&data);
-                let (stored, payload) =
-                    if (p.len() as u64) < size && p.len() as u64 <= opts.max_inline {
-                        let len = p.len() as u32;
-                        (
-                            Stored::Inline {
-                                algorithm: Some(c.algorithm),
-                                payload: len,
-                            },
-                            p,
-                        )
-                    } else if size <= opts.max_inline {
-                        (
-                            Stored::Inline {
-                                algorithm: None,
-                                payload: size as u32,
-                            },
-                            Vec::new(),
-                        )
-                    } else {
-                        let piece = Piece {
-                            file_offset: 0,
-                            ram: ram as u32,
-                            payload: ram as u32,
+                let p = c.map(|c| c.inline_payload(&data));
+                let (stored, payload) = match p {
+                    Some(p) if (p.len() as u64) < size && p.len() as u64 <= opts.max_inline => (
+                        Stored::Inline {
+                            algorithm: c.map(|c| c.algorithm),
+                            payload: p.len() as u32,
+                        },
+                        p,
+                    ),
+                    _ if size <= opts.max_inline => (
+                        Stored::Inline {
                             algorithm: None,
-                        };
+                            payload: size as u32,
+                        },
+                        Vec::new(),
+                    ),
+                    _ => {
                         return Ok(Done::Piece {
                             node,
-                            piece,
+                            piece: raw_piece(0, ram),
                             payload: want_raw.then_some(data),
                             digest,
-                        });
-                    };
+                        })
+                    }
+                };
                 Ok(Done::Small {
                     node,
                     stored,
@@ -291,40 +297,35 @@ pub fn scan(
             Job::Piece { node, offset, len } => {
                 let data = read_bytes(node, offset, len)?;
                 let ram = len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-                let p = c.extent_payload(&data);
-                let disk = (p.len() as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-                let keep = disk < ram;
-                let digest = sha256(if keep { &p } else { &data });
-                Ok(if keep {
-                    Done::Piece {
-                        node,
-                        piece: Piece {
-                            file_offset: offset,
-                            ram: ram as u32,
-                            payload: p.len() as u32,
-                            algorithm: Some(c.algorithm),
-                        },
-                        payload: Some(p),
-                        digest,
+                if let Some(c) = c {
+                    let p = c.extent_payload(&data);
+                    let disk = (p.len() as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+                    if disk < ram {
+                        return Ok(Done::Piece {
+                            node,
+                            piece: Piece {
+                                file_offset: offset,
+                                ram: ram as u32,
+                                payload: p.len() as u32,
+                                algorithm: Some(c.algorithm),
+                            },
+                            digest: sha256(&p),
+                            payload: Some(p),
+                        });
                     }
-                } else {
-                    Done::Piece {
-                        node,
-                        piece: Piece {
-                            file_offset: offset,
-                            ram: ram as u32,
-                            payload: ram as u32,
-                            algorithm: None,
-                        },
-                        payload: want_raw.then_some(data),
-                        digest,
-                    }
+                }
+                Ok(Done::Piece {
+                    node,
+                    piece: raw_piece(offset, ram),
+                    digest: sha256(&data),
+                    payload: want_raw.then_some(data),
                 })
             }
         }
     };
     let mut index = ContentIndex {
         compression: c,
+        dedupe: opts.dedupe,
         files: Vec::with_capacity(nodes.len()),
         pieces: Vec::new(),
         kept: HashMap::new(),
@@ -332,9 +333,50 @@ pub fn scan(
         digest: [0; 32],
         bytes_read: 0,
         kept_bytes: 0,
+        shared_files: 0,
+        shared_bytes: 0,
     };
-    let mut current: Option<u32> = None;
-    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut current: Option<Current> = None;
+    // Whole-file digests of files stored in pieces (dedupe).
+    let mut seen: HashMap<[u8; 32], u32> = HashMap::new();
+    let mut tree_hash = sha2::Sha256::new();
+
+    // Closes the file being assembled: with dedupe, a file equal to an
+    // earlier one gives its pieces back and shares that file's.
+    let mut close = |index: &mut ContentIndex,
+                     cur: Option<Current>,
+                     sink: &mut Option<&mut dyn PieceSink>|
+     -> Result<()> {
+        let Some(cur) = cur else { return Ok(()) };
+        if !opts.dedupe {
+            return Ok(());
+        }
+        let d: [u8; 32] = cur.hasher.finalize().into();
+        match seen.get(&d) {
+            None => {
+                seen.insert(d, cur.node);
+            }
+            Some(&of) => {
+                index.pieces.truncate(cur.first_piece);
+                for (i, len) in cur.kept {
+                    index.kept.remove(&i);
+                    index.kept_bytes -= len;
+                }
+                let last = index
+                    .files
+                    .last_mut()
+                    .expect("the current file is recorded");
+                debug_assert_eq!(last.0, cur.node);
+                last.1 = Stored::Shared { node: of };
+                index.shared_files += 1;
+                index.shared_bytes += cur.bytes;
+                if let Some(s) = sink.as_mut() {
+                    s.discard(cur.node)?;
+                }
+            }
+        }
+        Ok(())
+    };
     let consume = |d: Done| -> Result<()> {
         match d {
             Done::Small {
@@ -343,15 +385,15 @@ pub fn scan(
                 payload,
                 digest,
             } => {
-                sha2::Digest::update(&mut hasher, node.to_le_bytes());
-                sha2::Digest::update(&mut hasher, digest);
+                close(&mut index, current.take(), &mut sink)?;
+                tree_hash.update(node.to_le_bytes());
+                tree_hash.update(digest);
                 if !payload.is_empty() && index.kept_bytes + payload.len() as u64 <= opts.keep_bytes
                 {
                     index.kept_bytes += payload.len() as u64;
                     index.kept_inline.insert(node, payload.into());
                 }
                 index.files.push((node, stored));
-                current = None;
             }
             Done::Piece {
                 node,
@@ -359,29 +401,47 @@ pub fn scan(
                 payload,
                 digest,
             } => {
-                sha2::Digest::update(&mut hasher, node.to_le_bytes());
-                sha2::Digest::update(&mut hasher, piece.file_offset.to_le_bytes());
-                sha2::Digest::update(&mut hasher, digest);
+                tree_hash.update(node.to_le_bytes());
+                tree_hash.update(piece.file_offset.to_le_bytes());
+                tree_hash.update(digest);
+                if current.as_ref().is_none_or(|c| c.node != node) {
+                    // May give back the previous file's pieces: index after it.
+                    close(&mut index, current.take(), &mut sink)?;
+                }
                 let i = u32::try_from(index.pieces.len())
                     .ok()
                     .filter(|&i| i < u32::MAX)
                     .ok_or_else(|| Error::msg("too many data pieces"))?;
-                if current != Some(node) {
+                if current.as_ref().is_none_or(|c| c.node != node) {
+                    let mut hasher = sha2::Sha256::new();
+                    hasher.update(tree.node(node).size.to_le_bytes());
+                    current = Some(Current {
+                        node,
+                        first_piece: index.pieces.len(),
+                        hasher,
+                        kept: Vec::new(),
+                        bytes: 0,
+                    });
                     index
                         .files
                         .push((node, Stored::Pieces { first: i, count: 0 }));
-                    current = Some(node);
                 }
+                let cur = current.as_mut().expect("just set");
+                cur.hasher.update(piece.file_offset.to_le_bytes());
+                cur.hasher.update(piece.ram.to_le_bytes());
+                cur.hasher.update(digest);
+                cur.bytes += piece.disk();
                 if let Some(Stored::Pieces { count, .. }) = index.files.last_mut().map(|f| &mut f.1)
                 {
                     *count += 1;
                 }
                 if let (Some(s), Some(p)) = (sink.as_mut(), &payload) {
-                    s(node, &piece, p)?;
+                    s.piece(node, &piece, p)?;
                 }
                 if let (Some(p), Some(_)) = (payload, piece.algorithm) {
                     if index.kept_bytes + p.len() as u64 <= opts.keep_bytes {
                         index.kept_bytes += p.len() as u64;
+                        cur.kept.push((i, p.len() as u64));
                         index.kept.insert(i, p.into());
                     }
                 }
@@ -398,8 +458,9 @@ pub fn scan(
         consume,
         || Error::msg("internal error: a content pass worker panicked"),
     )?;
+    close(&mut index, current.take(), &mut sink)?;
     index.bytes_read = read.load(Ordering::Relaxed);
-    index.digest = sha2::Digest::finalize(hasher).into();
+    index.digest = tree_hash.finalize().into();
     Ok(index)
 }
 
@@ -409,13 +470,14 @@ mod tests {
     use crate::source::Segment;
 
     #[test]
-    fn pieces_are_128k_runs_of_aligned_segments() {
+    fn pieces_are_runs_of_aligned_segments() {
         let k = 1024u64;
+        let m = 128 * k;
         assert_eq!(
-            cut(300 * k, Segments::Whole(300 * k)),
+            cut(300 * k, Segments::Whole(300 * k), m),
             vec![(0, 128 * k), (128 * k, 128 * k), (256 * k, 44 * k)]
         );
-        assert_eq!(cut(5000, Segments::Whole(5000)), vec![(0, 5000)]);
+        assert_eq!(cut(5000, Segments::Whole(5000), m), vec![(0, 5000)]);
         let segs = [
             Segment {
                 offset: 100,
@@ -427,7 +489,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            cut(2 << 20, Segments::Sparse(&segs)),
+            cut(2 << 20, Segments::Sparse(&segs), m),
             vec![(0, 4096), (1 << 20, 128 * k), ((1 << 20) + 128 * k, 4096)]
         );
     }

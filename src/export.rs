@@ -4,7 +4,7 @@
 //! the whole image has been written; an interrupted or failed export leaves
 //! nothing named like the output behind.
 
-use crate::content::Piece;
+use crate::content::{Piece, PieceSink};
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
 use crate::image::Image;
@@ -349,23 +349,15 @@ pub struct Spill {
     alloc: DataAllocator,
     /// Checksums of data sectors from DATA_START, as written.
     csums: Vec<u32>,
-    /// The placed extents, hashed, to compare with the plan's.
-    placed: sha2::Sha256,
-    count: u64,
+    /// The placed extents, to compare with the plan's.
+    placed: Vec<DataExtent>,
+    /// The file being written: its node, where its data started, and how
+    /// many extents were placed before it (to take it back: dedupe).
+    current: Option<(u32, u64, usize)>,
     /// Cleared before the temporary file exists (signals then stop the
     /// export instead of ending the process).
     reading: Option<Arc<AtomicBool>>,
     cancel: Option<Arc<AtomicBool>>,
-}
-
-fn extent_digest(h: &mut sha2::Sha256, e: &DataExtent) {
-    use sha2::Digest;
-    h.update(e.logical.to_le_bytes());
-    h.update(e.size().to_le_bytes());
-    h.update(e.ram().to_le_bytes());
-    h.update(e.file_offset.to_le_bytes());
-    h.update(e.node.to_le_bytes());
-    h.update([e.algorithm.map_or(0, |a| a.code())]);
 }
 
 impl Spill {
@@ -386,8 +378,8 @@ impl Spill {
                 space::data_exclusions(space::DATA_START),
             ),
             csums: Vec::new(),
-            placed: <sha2::Sha256 as sha2::Digest>::new(),
-            count: 0,
+            placed: Vec::new(),
+            current: None,
             reading,
             cancel,
         })
@@ -403,8 +395,42 @@ impl Spill {
         Ok(&mut self.out.as_mut().expect("just created").1)
     }
 
-    /// One piece from the content pass (see `content::PieceSink`).
-    pub fn piece(&mut self, node: u32, piece: &Piece, bytes: &[u8]) -> Result<()> {
+    /// Zeros `[start, end)` of the output (a taken-back file's data).
+    fn clear(&mut self, start: u64, end: u64) -> Result<()> {
+        let path = self.path.clone();
+        let f = self.file()?;
+        // SAFETY: fallocate on an open descriptor of ours.
+        let r = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&*f),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start as i64,
+                (end - start) as i64,
+            )
+        };
+        if r != 0 {
+            let zeros = vec![0u8; (end - start) as usize];
+            f.write_all_at(&zeros, start)
+                .map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl PieceSink for Spill {
+    fn discard(&mut self, node: u32) -> Result<()> {
+        let Some((n, start, before)) = self.current.take() else {
+            return Ok(());
+        };
+        debug_assert_eq!(n, node);
+        let end = self.alloc.pos;
+        self.clear(start, end)?;
+        self.alloc.pos = start;
+        self.placed.truncate(before);
+        Ok(())
+    }
+
+    fn piece(&mut self, node: u32, piece: &Piece, bytes: &[u8]) -> Result<()> {
         if self
             .cancel
             .as_ref()
@@ -412,13 +438,15 @@ impl Spill {
         {
             return Err(Error::interrupted(&self.path));
         }
+        if self.current.is_none_or(|c| c.0 != node) {
+            self.current = Some((node, self.alloc.pos, self.placed.len()));
+        }
         let before = self.alloc.extents.len();
         self.alloc.place_pieces(node, std::slice::from_ref(piece));
         let placed: Vec<DataExtent> = self.alloc.extents.drain(before..).collect();
         let path = self.path.clone();
         for e in placed {
-            extent_digest(&mut self.placed, &e);
-            self.count += 1;
+            self.placed.push(e);
             let from = match e.algorithm {
                 Some(_) => 0,
                 None => (e.file_offset - piece.file_offset) as usize,
@@ -441,17 +469,13 @@ impl Spill {
         }
         Ok(())
     }
+}
 
+impl Spill {
     /// Writes the rest of `image` (whose plan must have put every extent
     /// where the pieces went) and renames the file into place.
     pub fn finish(mut self, image: &Image, opts: &ExportOptions) -> Result<()> {
-        let mut h = <sha2::Sha256 as sha2::Digest>::new();
-        for e in image.plan().extents.iter() {
-            extent_digest(&mut h, e);
-        }
-        if image.plan().extents.len() as u64 != self.count
-            || sha2::Digest::finalize(h) != sha2::Digest::finalize(self.placed.clone())
-        {
+        if image.plan().extents[..] != self.placed[..] {
             return Err(Error::msg(
                 "internal error: the plan placed file data elsewhere than the content pass wrote it",
             ));

@@ -65,7 +65,7 @@ pub fn plan_sources_with(
     sources: &source::Sources,
     opts: &Options,
     pass: &PassOptions,
-    sink: Option<content::PieceSink<'_>>,
+    sink: Option<&mut dyn content::PieceSink>,
 ) -> Result<plan::Plan> {
     plan::limits::validate_options(opts)?;
     let tree = source::walk(
@@ -84,11 +84,11 @@ pub fn plan_tree(
     tree: source::SourceTree,
     opts: &Options,
     pass: &PassOptions,
-    sink: Option<content::PieceSink<'_>>,
+    sink: Option<&mut dyn content::PieceSink>,
 ) -> Result<plan::Plan> {
-    let Some(compression) = opts.compression else {
+    if opts.compression.is_none() && !opts.dedupe {
         return plan::build(tree, opts);
-    };
+    }
     let tree = std::sync::Arc::new(tree);
     let threads = match pass.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -100,7 +100,8 @@ pub fn plan_tree(
             &tree,
             reader.as_ref(),
             &content::ContentOptions {
-                compression,
+                compression: opts.compression,
+                dedupe: opts.dedupe,
                 max_inline: plan::max_inline(opts),
                 threads,
                 keep_bytes: pass.keep_bytes,

@@ -143,6 +143,10 @@ struct ImageArgs {
     /// while planning to learn the compressed sizes.
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     compress: Option<String>,
+    /// Regular files with identical content share one set of extents (as
+    /// reflinked copies do); file data is then read while planning.
+    #[arg(long)]
+    dedupe: bool,
     /// Metadata profile.
     #[arg(long, value_enum, default_value = "dup")]
     metadata: Profile,
@@ -248,6 +252,7 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
             Some(c) => btrfsimg::compress::Compression::parse(c)?,
             None => None,
         },
+        dedupe: a.dedupe,
         ..Options::default()
     })
 }
@@ -382,31 +387,20 @@ fn run(cli: Cli) -> Result<(), Error> {
             };
             // A compressed image written to a file gets its data region from
             // the content pass directly: nothing is compressed twice.
-            let mut spill = match (&output, to_stdout, zstd, opts.compression) {
-                (Some(path), false, None, Some(_)) => Some(export::Spill::new(
-                    path,
-                    force,
-                    Some(reading.clone()),
-                    Some(cancel.clone()),
-                )?),
+            let mut spill = match &output {
+                Some(path) if spill_wanted(&output, to_stdout, zstd, &opts) => Some(
+                    export::Spill::new(path, force, Some(reading.clone()), Some(cancel.clone()))?,
+                ),
                 _ => None,
-            };
-            let mut sink = |node: u32, piece: &btrfsimg::content::Piece, bytes: &[u8]| {
-                spill
-                    .as_mut()
-                    .expect("the sink is only given with a spill")
-                    .piece(node, piece, bytes)
             };
             let plan = plan_with_progress(
                 &srcs,
                 &opts,
                 eopts.progress,
                 threads.unwrap_or(0) as usize,
-                if spill_wanted(&output, to_stdout, zstd, &opts) {
-                    Some(&mut sink)
-                } else {
-                    None
-                },
+                spill
+                    .as_mut()
+                    .map(|s| s as &mut dyn btrfsimg::content::PieceSink),
             )?;
             reading.store(false, Ordering::SeqCst);
             log::info!(
@@ -493,7 +487,7 @@ fn spill_wanted(
     zstd: Option<i32>,
     opts: &Options,
 ) -> bool {
-    output.is_some() && !to_stdout && zstd.is_none() && opts.compression.is_some()
+    output.is_some() && !to_stdout && zstd.is_none() && (opts.compression.is_some() || opts.dedupe)
 }
 
 fn plan_with_progress(
@@ -501,9 +495,9 @@ fn plan_with_progress(
     opts: &Options,
     progress: bool,
     threads: usize,
-    sink: Option<btrfsimg::content::PieceSink<'_>>,
+    sink: Option<&mut dyn btrfsimg::content::PieceSink>,
 ) -> Result<plan::Plan, Error> {
-    let bar = if progress && opts.compression.is_some() {
+    let bar = if progress && (opts.compression.is_some() || opts.dedupe) {
         let pb =
             indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
         if let Ok(style) = indicatif::ProgressStyle::with_template(

@@ -112,6 +112,12 @@ pub const BLOCK_GROUP_ITEM_SIZE: usize = 24;
 pub const FREE_SPACE_INFO_SIZE: usize = 8;
 pub const METADATA_ITEM_SIZE: usize = 33;
 pub const DATA_EXTENT_ITEM_SIZE: usize = 53;
+/// EXTENT_ITEM before its inline refs (refs, generation, flags).
+pub const EXTENT_ITEM_HEADER: usize = 24;
+/// Inline EXTENT_DATA_REF: type byte, root, objectid, offset, count.
+pub const INLINE_DATA_REF_SIZE: usize = 29;
+/// Keyed EXTENT_DATA_REF record: root, objectid, offset, count.
+pub const KEYED_DATA_REF_SIZE: usize = 28;
 pub const CSUM_SIZE: usize = 4;
 
 /// Largest item that fits in one leaf.

@@ -25,6 +25,15 @@ pub fn extref_hash(parent: u64, name: &[u8]) -> u64 {
     crc32c_raw(parent as u32, name) as u64
 }
 
+/// Key offset of keyed EXTENT_DATA_REF items and the order of inline ones:
+/// (crc32c of the root << 31) ^ crc32c of the inode number and the offset.
+pub fn extent_data_ref_hash(root: u64, ino: u64, offset: u64) -> u64 {
+    let high = crc32c_raw(!0, &root.to_le_bytes()) as u64;
+    let low = crc32c_raw(!0, &ino.to_le_bytes());
+    let low = crc32c_raw(low, &offset.to_le_bytes()) as u64;
+    (high << 31) ^ low
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +52,21 @@ mod tests {
         assert_eq!(name_hash(b"user.test"), 103394969);
         assert_eq!(name_hash(b"file_195"), 2747034);
         assert_eq!(name_hash(&[b'L'; 255]), 1888885866);
+    }
+
+    #[test]
+    fn extent_data_ref_hashes_match_real_images() {
+        assert_eq!(extent_data_ref_hash(5, 257, 0), 0x0DFB_591F_A80D_95EA);
+        assert_eq!(extent_data_ref_hash(5, 258, 0), 0x0DFB_591F_BBF5_F519);
+        assert_eq!(
+            extent_data_ref_hash(5, 257, 2_097_152),
+            0x0DFB_591F_2DF9_8367
+        );
+        assert_eq!(
+            extent_data_ref_hash(5, 260, -8192i64 as u64),
+            0x0DFB_591F_88CC_4A6B
+        );
+        assert_eq!(extent_data_ref_hash(256, 257, 0), 0x0DEA_30DE_A80D_95EA);
     }
 
     #[test]

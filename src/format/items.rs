@@ -252,16 +252,36 @@ pub fn write_metadata_extent(b: &mut [u8], generation: u64, owner: u64) {
     put_u64(b, 25, owner);
 }
 
-/// Data EXTENT_ITEM with one inline EXTENT_DATA_REF.
-pub fn write_data_extent(b: &mut [u8], generation: u64, root: u64, ino: u64, offset: u64) {
-    put_u64(b, 0, 1);
+/// Data EXTENT_ITEM holding `refs` references, with inline EXTENT_DATA_REFs
+/// of (root, objectid, offset, count), in the order given.
+pub fn write_data_extent(
+    b: &mut [u8],
+    generation: u64,
+    refs: u64,
+    inline: &[(u64, u64, u64, u32)],
+) {
+    put_u64(b, 0, refs);
     put_u64(b, 8, generation);
     put_u64(b, 16, EXTENT_FLAG_DATA);
-    b[24] = EXTENT_DATA_REF_KEY;
-    put_u64(b, 25, root);
-    put_u64(b, 33, ino);
-    put_u64(b, 41, offset);
-    put_u32(b, 49, 1);
+    for (i, &(root, ino, offset, count)) in inline.iter().enumerate() {
+        let o = EXTENT_ITEM_HEADER + i * INLINE_DATA_REF_SIZE;
+        b[o] = EXTENT_DATA_REF_KEY;
+        put_u64(b, o + 1, root);
+        put_u64(b, o + 9, ino);
+        put_u64(b, o + 17, offset);
+        put_u32(b, o + 25, count);
+    }
+}
+
+/// Keyed EXTENT_DATA_REF records (root, objectid, offset, count).
+pub fn write_data_refs(b: &mut [u8], refs: &[(u64, u64, u64, u32)]) {
+    for (i, &(root, ino, offset, count)) in refs.iter().enumerate() {
+        let o = i * KEYED_DATA_REF_SIZE;
+        put_u64(b, o, root);
+        put_u64(b, o + 8, ino);
+        put_u64(b, o + 16, offset);
+        put_u32(b, o + 24, count);
+    }
 }
 
 /// FREE_SPACE_INFO in extent (not bitmap) mode.

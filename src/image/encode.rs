@@ -6,7 +6,7 @@
 
 use crate::format::block::{seal, write_key_ptr, Header, LeafWriter};
 use crate::format::items::{
-    write_block_group, write_data_extent, write_dir_record, write_free_space_info,
+    write_block_group, write_data_extent, write_data_refs, write_dir_record, write_free_space_info,
     write_inline_extent_header, write_inode_extref, write_inode_ref, write_metadata_extent,
 };
 use crate::format::*;
@@ -123,7 +123,20 @@ pub fn encode_body(
         Body::DevStats | Body::Empty => {}
         Body::BlockGroup { used, flags } => write_block_group(out, *used, *flags),
         Body::MetadataExtent { owner } => write_metadata_extent(out, g, *owner),
-        Body::DataExtent { root, ino, offset } => write_data_extent(out, g, *root, *ino, *offset),
+        Body::DataExtent { refs, inline } => {
+            let r: Vec<_> = inline
+                .iter()
+                .map(|d| (d.root, d.ino, d.offset, d.count))
+                .collect();
+            write_data_extent(out, g, *refs, &r)
+        }
+        Body::DataRefs(refs) => {
+            let r: Vec<_> = refs
+                .iter()
+                .map(|d| (d.root, d.ino, d.offset, d.count))
+                .collect();
+            write_data_refs(out, &r)
+        }
         Body::FreeSpaceInfo { extent_count } => write_free_space_info(out, *extent_count),
         Body::Uuid(id) => put_u64(out, 0, *id),
     }
@@ -168,9 +181,13 @@ mod tests {
             Body::Xattrs(vec![(b"user.a", b"value")]),
             Body::InodeExtref(vec![(256, 2, b"x")]),
             Body::DataExtent {
-                root: 5,
-                ino: 257,
-                offset: 0,
+                refs: 1,
+                inline: vec![crate::plan::trees::DataRef {
+                    root: 5,
+                    ino: 257,
+                    offset: 0,
+                    count: 1,
+                }],
             },
         ];
         for b in &bodies {

@@ -331,7 +331,10 @@ impl Image {
         let len = (piece.ram as u64).min(size - piece.file_offset) as usize;
         let mut data = vec![0u8; len];
         self.read_file(e.node, piece.file_offset, &mut data)?;
-        let p: Arc<[u8]> = content.compression.extent_payload(&data).into();
+        let c = content
+            .compression
+            .expect("compressed extents come with a compression");
+        let p: Arc<[u8]> = c.extent_payload(&data).into();
         if p.len() != piece.payload as usize {
             return Err(self.changed(e.node, "its data compresses to another size"));
         }
@@ -359,7 +362,11 @@ impl BlockInputs for Image {
             None => {
                 let mut data = vec![0u8; self.plan.source.node(node).size as usize];
                 self.read_file(node, 0, &mut data)?;
-                content.compression.inline_payload(&data).into()
+                content
+                    .compression
+                    .expect("compressed inline items come with a compression")
+                    .inline_payload(&data)
+                    .into()
             }
         };
         if p.len() != out.len() {

@@ -12,7 +12,7 @@
 use super::data::DataExtent;
 use super::items::{Body, DirEntry, Item, ItemSource};
 use super::pack::Oversized;
-use super::trees::ExtentOwners;
+use super::trees::{DataRef, ExtentOwners};
 use crate::content::{ContentIndex, Stored};
 use crate::error::{Error, Result};
 use crate::format::hash::{extref_hash, name_hash};
@@ -40,6 +40,8 @@ const XATTR_COLLISION: u8 = 4;
 const DIR_COLLISION: u8 = 8;
 /// Stored compressed (inline or in at least one extent): gets INODE_FLAG_COMPRESS.
 const COMPRESSED: u8 = 16;
+/// Shares an earlier inode's extents (dedupe).
+const SHARED: u8 = 32;
 
 /// 16 bytes per inode: the flags live in the top byte of the item index.
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +114,10 @@ pub struct FsItems {
     /// Inodes whose xattr names collide: the number of XATTR_ITEMs.
     xattr_items: BTreeMap<u32, u32>,
     links: BTreeMap<u32, Links>,
+    /// Inodes sharing an earlier inode's extents: sharer -> source, and
+    /// source -> sharers.
+    shared: BTreeMap<u32, u32>,
+    sharers: Arc<BTreeMap<u32, Vec<u32>>>,
     extents: Arc<Vec<DataExtent>>,
     /// What the content pass decided, when there was one.
     content: Option<Arc<ContentIndex>>,
@@ -151,6 +157,7 @@ impl FsItems {
         let mut node_ino = vec![0u32; n];
         let mut inodes: Vec<Inode> = Vec::new();
         let mut xattr_items = BTreeMap::new();
+        let mut shared: BTreeMap<u32, u32> = BTreeMap::new();
         let mut nlinks: BTreeMap<u32, u32> = BTreeMap::new();
         for i in 0..n as u32 {
             let node = tree.node(i);
@@ -176,15 +183,25 @@ impl FsItems {
             if inline {
                 flags |= INLINE;
             }
-            let compressed = match stored {
-                Some(Stored::Inline { algorithm, .. }) => algorithm.is_some(),
+            let pieces_compressed = |s: Option<Stored>| match s {
                 Some(Stored::Pieces { first, count }) => content
                     .as_ref()
                     .is_some_and(|c| c.pieces(first, count).iter().any(|p| p.algorithm.is_some())),
-                None => false,
+                _ => false,
+            };
+            let compressed = match stored {
+                Some(Stored::Inline { algorithm, .. }) => algorithm.is_some(),
+                Some(Stored::Shared { node: of }) => {
+                    pieces_compressed(content.as_ref().and_then(|c| c.stored(of)))
+                }
+                s => pieces_compressed(s),
             };
             if compressed {
                 flags |= COMPRESSED;
+            }
+            if let Some(Stored::Shared { node: of }) = stored {
+                flags |= SHARED;
+                shared.insert(idx, node_ino[of as usize]);
             }
             let count = tree.xattr_count(i);
             if count > 1 {
@@ -285,6 +302,11 @@ impl FsItems {
             dir_groups,
             xattr_items,
             links,
+            sharers: Arc::new(shared.iter().fold(BTreeMap::new(), |mut m, (&s, &src)| {
+                m.entry(src).or_insert_with(Vec::new).push(s);
+                m
+            })),
+            shared,
             extents: Arc::new(Vec::new()),
             content,
             policy,
@@ -296,7 +318,9 @@ impl FsItems {
     pub fn extent_files(&self) -> impl Iterator<Item = u32> + '_ {
         self.inodes
             .iter()
-            .filter(|i| !i.has(INLINE) && self.tree.node(i.node).kind == Kind::File)
+            .filter(|i| {
+                !i.has(INLINE) && !i.has(SHARED) && self.tree.node(i.node).kind == Kind::File
+            })
             .map(|i| i.node)
     }
 
@@ -304,6 +328,7 @@ impl FsItems {
     pub fn set_extents(&mut self, extents: Arc<Vec<DataExtent>>) {
         let mut e = 0usize;
         let mut next = 0u64;
+        let mut counts = vec![0u64; self.inodes.len()];
         for idx in 0..self.inodes.len() {
             let node = self.inodes[idx].node;
             while e < extents.len() && self.node_ino[extents[e].node as usize] < idx as u32 {
@@ -315,7 +340,11 @@ impl FsItems {
             while end < extents.len() && extents[end].node == node {
                 end += 1;
             }
-            let ext_count = (end - e) as u64;
+            counts[idx] = (end - e) as u64;
+            let ext_count = match self.shared.get(&(idx as u32)) {
+                Some(&src) => counts[src as usize],
+                None => counts[idx],
+            };
             next += (0..5)
                 .map(|sec| self.section_len(idx, sec) as u64)
                 .sum::<u64>()
@@ -334,6 +363,7 @@ impl FsItems {
         Arc::new(FsOwners {
             node_ino: self.node_ino.clone(),
             extents: self.extents.clone(),
+            sharers: self.sharers.clone(),
             objectid: self.objectid,
         })
     }
@@ -347,6 +377,9 @@ impl FsItems {
     }
 
     fn ext_range(&self, idx: usize) -> std::ops::Range<usize> {
+        if let Some(&src) = self.shared.get(&(idx as u32)) {
+            return self.ext_range(src as usize);
+        }
         let s = self.inodes[idx].ext_start as usize;
         let e = self
             .inodes
@@ -547,7 +580,7 @@ impl FsItems {
                 body,
             };
         }
-        let e = &self.extents[inode.ext_start as usize + k as usize];
+        let e = &self.extents[self.ext_range(idx).start + k as usize];
         Item {
             key: Key::new(ino, EXTENT_DATA_KEY, e.file_offset),
             body: Body::Extent(RegularExtent {
@@ -655,13 +688,23 @@ impl FsItems {
 struct FsOwners {
     node_ino: Arc<Vec<u32>>,
     extents: Arc<Vec<DataExtent>>,
+    sharers: Arc<BTreeMap<u32, Vec<u32>>>,
     objectid: u64,
 }
 
 impl ExtentOwners for FsOwners {
-    fn owner(&self, extent: u32) -> (u64, u64) {
-        let node = self.extents[extent as usize].node;
-        (self.objectid, 256 + self.node_ino[node as usize] as u64)
+    fn owners(&self, extent: u32) -> Vec<DataRef> {
+        let e = &self.extents[extent as usize];
+        let ino = self.node_ino[e.node as usize];
+        std::iter::once(ino)
+            .chain(self.sharers.get(&ino).into_iter().flatten().copied())
+            .map(|i| DataRef {
+                root: self.objectid,
+                ino: 256 + i as u64,
+                offset: e.file_offset,
+                count: 1,
+            })
+            .collect()
     }
 }
 

@@ -57,12 +57,13 @@ pub enum Body<'a> {
     MetadataExtent {
         owner: u64,
     },
-    /// A data EXTENT_ITEM with one EXTENT_DATA_REF: (fs tree, inode, file offset).
+    /// A data EXTENT_ITEM: all its references, the inline ones listed.
     DataExtent {
-        root: u64,
-        ino: u64,
-        offset: u64,
+        refs: u64,
+        inline: Vec<super::trees::DataRef>,
     },
+    /// A keyed EXTENT_DATA_REF item: the refs that share its hash.
+    DataRefs(Vec<super::trees::DataRef>),
     FreeSpaceInfo {
         extent_count: u32,
     },
@@ -99,7 +100,10 @@ impl Body<'_> {
             Body::DevStats => DEV_STATS_SIZE,
             Body::BlockGroup { .. } => BLOCK_GROUP_ITEM_SIZE,
             Body::MetadataExtent { .. } => METADATA_ITEM_SIZE,
-            Body::DataExtent { .. } => DATA_EXTENT_ITEM_SIZE,
+            Body::DataExtent { inline, .. } => {
+                EXTENT_ITEM_HEADER + inline.len() * INLINE_DATA_REF_SIZE
+            }
+            Body::DataRefs(r) => r.len() * KEYED_DATA_REF_SIZE,
             Body::FreeSpaceInfo { .. } => FREE_SPACE_INFO_SIZE,
             Body::Empty => 0,
             Body::Uuid(_) => 8,

@@ -175,8 +175,14 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             .collect();
         chunks.sort_by_key(|c| c.logical);
 
-        let extent_items =
-            trees::extent_tree(&blocks, input.extents, input.owners, &chunks, &owners);
+        let extent_items = trees::extent_tree(
+            &blocks,
+            input.extents,
+            input.owners,
+            &chunks,
+            &owners,
+            input.nodesize,
+        );
         let free_space_items =
             trees::free_space_tree(&blocks, input.extents, &chunks, input.nodesize);
         let dev_items = trees::dev_tree(&chunks, input.chunk_tree_uuid);

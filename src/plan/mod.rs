@@ -56,6 +56,9 @@ pub struct Options {
     pub rw_slack: bool,
     /// Store file data compressed (needs the content pass's result).
     pub compression: Option<crate::compress::Compression>,
+    /// Files with equal content share one set of extents (needs the content
+    /// pass's result).
+    pub dedupe: bool,
 }
 
 impl Default for Options {
@@ -72,6 +75,7 @@ impl Default for Options {
             max_inline: 2048,
             rw_slack: true,
             compression: None,
+            dedupe: false,
         }
     }
 }
@@ -318,7 +322,9 @@ pub fn build_with(
     // Checks and identities.
     limits::validate_options(opts)?;
     limits::validate_tree(&source)?;
-    if content.as_ref().map(|c| c.compression) != opts.compression {
+    let expected =
+        (opts.compression.is_some() || opts.dedupe).then_some((opts.compression, opts.dedupe));
+    if content.as_ref().map(|c| (c.compression, c.dedupe)) != expected {
         return Err(Error::msg(
             "internal error: the content pass used other compression options",
         ));

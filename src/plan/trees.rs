@@ -6,7 +6,7 @@ use super::data::DataExtent;
 use super::items::{Body, Item, ItemSource, VecItems};
 use super::space::Chunk;
 use super::tree_id::TreeId;
-use crate::format::hash::name_hash;
+use crate::format::hash::{extent_data_ref_hash, name_hash};
 use crate::format::items::{ChunkItem, DevExtent, DevItem, InodeItem, RootItem, Stripe};
 use crate::format::*;
 use std::sync::Arc;
@@ -294,14 +294,67 @@ impl ItemSource for CsumItems {
 /// index rather than copied.
 #[derive(Clone, Copy, Debug)]
 pub enum ExtentRec {
-    Block { logical: u64, level: u8, owner: u16 },
+    Block {
+        logical: u64,
+        level: u8,
+        owner: u16,
+    },
     Data(u32),
+    /// Keyed data ref group `k` of data extent `e`.
+    DataRef {
+        e: u32,
+        k: u32,
+    },
     Group(u32),
 }
 
-/// Which file a data extent belongs to: its fs tree and inode number.
+/// One file's reference to a data extent (EXTENT_DATA_REF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataRef {
+    pub root: u64,
+    pub ino: u64,
+    /// File offset minus the EXTENT_DATA's offset into the extent.
+    pub offset: u64,
+    /// That inode's EXTENT_DATA items with this offset pointing here.
+    pub count: u32,
+}
+
+impl DataRef {
+    pub fn hash(&self) -> u64 {
+        extent_data_ref_hash(self.root, self.ino, self.offset)
+    }
+}
+
+/// Which files a data extent belongs to (more than one: dedupe).
 pub trait ExtentOwners: Send + Sync {
-    fn owner(&self, extent: u32) -> (u64, u64);
+    fn owners(&self, extent: u32) -> Vec<DataRef>;
+}
+
+/// Inline data refs an EXTENT_ITEM takes before the rest become keyed
+/// items: the kernel adds one while the item stays under a sixteenth of a
+/// leaf (33 at 16 KiB nodes, 6 at 4 KiB, 139 at 64 KiB).
+pub fn max_inline_refs(nodesize: u32) -> usize {
+    let limit = (leaf_data_size(nodesize) >> 4) - ITEM_HEADER_SIZE;
+    (limit - 24 - 1) / 29
+}
+
+/// A data extent's refs split as the extent tree holds them: inline ones
+/// (hash descending, the order the tree-checker demands) and keyed groups
+/// (one item per distinct hash, ascending), and the total count.
+fn split_refs(mut refs: Vec<DataRef>, nodesize: u32) -> (u64, Vec<DataRef>, Vec<Vec<DataRef>>) {
+    let total = refs.iter().map(|r| r.count as u64).sum();
+    refs.sort_by_key(|r| (std::cmp::Reverse(r.hash()), r.ino, r.offset));
+    let keyed_part = refs.split_off(refs.len().min(max_inline_refs(nodesize)));
+    let mut keyed: Vec<Vec<DataRef>> = Vec::new();
+    let mut by_hash = keyed_part;
+    by_hash.sort_by_key(|r| (r.hash(), r.ino, r.offset));
+    for r in by_hash {
+        match keyed.last_mut() {
+            Some(g) if g[0].hash() == r.hash() => g.push(r),
+            _ => keyed.push(vec![r]),
+        }
+    }
+    (total, refs, keyed)
 }
 
 pub struct ExtentItems {
@@ -311,6 +364,7 @@ pub struct ExtentItems {
     groups: Vec<Chunk>,
     /// Tree object ids, indexed by `ExtentRec::Block::owner`.
     trees: Arc<[u64]>,
+    nodesize: u32,
 }
 
 impl ExtentItems {
@@ -322,6 +376,14 @@ impl ExtentItems {
             ExtentRec::Data(i) => {
                 let e = &self.extents[i as usize];
                 Key::new(e.logical, EXTENT_ITEM_KEY, e.size())
+            }
+            ExtentRec::DataRef { e, k } => {
+                let (_, _, keyed) = split_refs(self.owners.owners(e), self.nodesize);
+                Key::new(
+                    self.extents[e as usize].logical,
+                    EXTENT_DATA_REF_KEY,
+                    keyed[k as usize][0].hash(),
+                )
             }
             ExtentRec::Group(i) => {
                 let c = &self.groups[i as usize];
@@ -336,12 +398,12 @@ impl ExtentItems {
                 owner: self.trees[owner as usize],
             },
             ExtentRec::Data(i) => {
-                let (root, ino) = self.owners.owner(i);
-                Body::DataExtent {
-                    root,
-                    ino,
-                    offset: self.extents[i as usize].file_offset,
-                }
+                let (refs, inline, _) = split_refs(self.owners.owners(i), self.nodesize);
+                Body::DataExtent { refs, inline }
+            }
+            ExtentRec::DataRef { e, k } => {
+                let (_, _, mut keyed) = split_refs(self.owners.owners(e), self.nodesize);
+                Body::DataRefs(keyed.swap_remove(k as usize))
             }
             ExtentRec::Group(i) => {
                 let c = &self.groups[i as usize];
@@ -375,6 +437,7 @@ pub fn extent_tree(
     owners: &Arc<dyn ExtentOwners>,
     chunks: &[Chunk],
     trees: &Arc<[u64]>,
+    nodesize: u32,
 ) -> ExtentItems {
     let mut recs: Vec<ExtentRec> = Vec::with_capacity(blocks.len() + extents.len() + chunks.len());
     recs.extend(blocks.iter().map(|b| ExtentRec::Block {
@@ -382,7 +445,14 @@ pub fn extent_tree(
         level: b.level,
         owner: b.owner,
     }));
-    recs.extend((0..extents.len() as u32).map(ExtentRec::Data));
+    for i in 0..extents.len() as u32 {
+        recs.push(ExtentRec::Data(i));
+        let refs = owners.owners(i);
+        if refs.len() > max_inline_refs(nodesize) {
+            let (_, _, keyed) = split_refs(refs, nodesize);
+            recs.extend((0..keyed.len() as u32).map(|k| ExtentRec::DataRef { e: i, k }));
+        }
+    }
     recs.extend((0..chunks.len() as u32).map(ExtentRec::Group));
     let mut items = ExtentItems {
         recs: Vec::new(),
@@ -390,6 +460,7 @@ pub fn extent_tree(
         owners: owners.clone(),
         groups: chunks.to_vec(),
         trees: trees.clone(),
+        nodesize,
     };
     recs.sort_unstable_by_key(|r| items.key(r));
     items.recs = recs;

@@ -45,6 +45,7 @@ pub fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
         }
         None => h.update([0]),
     }
+    h.update([opts.dedupe as u8]);
     match opts.owner {
         Some((u, g)) => {
             h.update([1]);

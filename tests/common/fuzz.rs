@@ -196,6 +196,13 @@ pub enum Adversity {
     Sparse { dir: usize, log2: u32, segs: usize },
     /// Many entries in one directory (multi-level trees at small node sizes).
     Wide { dir: usize, count: usize },
+    /// Files with equal content (not hard links), for dedupe.
+    Copies {
+        dir: usize,
+        count: usize,
+        size: u64,
+        text: bool,
+    },
 }
 
 fn adversity() -> impl Strategy<Value = Adversity> {
@@ -238,6 +245,14 @@ fn adversity() -> impl Strategy<Value = Adversity> {
             segs
         }),
         (any::<usize>(), 100usize..3000).prop_map(|(dir, count)| Adversity::Wide { dir, count }),
+        (any::<usize>(), 2usize..40, 4097u64..200_000, any::<bool>()).prop_map(
+            |(dir, count, size, text)| Adversity::Copies {
+                dir,
+                count,
+                size,
+                text
+            }
+        ),
     ]
 }
 
@@ -259,11 +274,13 @@ fn options() -> impl Strategy<Value = Options> {
             9 => Just(None),
             1 => (1u32..=15).prop_map(|l| Some(format!("zstd:{l}"))),
             1 => (1u32..=9).prop_map(|l| Some(format!("zlib:{l}"))),
-            1 => Just(Some("lzo".to_string())),
+                        1 => Just(Some("lzo".to_string())),
         ],
+        proptest::bool::weighted(0.12),
     )
         .prop_map(
-            |(nodesize, dup, slack, max_inline, owner, label, compress)| Options {
+            |(nodesize, dup, slack, max_inline, owner, label, compress, dedupe)| Options {
+                dedupe,
                 compression: compress.and_then(|c| {
                     btrfsimg::compress::Compression::parse(&c).expect("valid spelling")
                 }),
@@ -512,6 +529,25 @@ fn apply(root: &mut Entry, a: &Adversity, salt: u64) {
                 link: None,
             };
             kids(at_path(root, &pick(dir))).insert(format!("sparse{salt}").into_bytes(), e);
+        }
+        Adversity::Copies {
+            dir,
+            count,
+            size,
+            text,
+        } => {
+            let fill = if text {
+                Fill::Text(salt)
+            } else {
+                Fill::Random(salt)
+            };
+            for i in 0..count {
+                let d = pick(dir + i % 3);
+                kids(at_path(root, &d)).insert(
+                    format!("copy{salt}-{i}").into_bytes(),
+                    Entry::file(size, fill),
+                );
+            }
         }
         Adversity::Wide { dir, count } => {
             let k = kids(at_path(root, &pick(dir)));
