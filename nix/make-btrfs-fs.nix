@@ -15,8 +15,11 @@
   lib,
   # Derivations whose closure goes into the image's /nix/store.
   storePaths,
-  # Compress the image with zstd.
+  # Compress the image file with zstd.
   compressImage ? false,
+  # Compress file data inside the filesystem, as mkfs.btrfs --compress spells
+  # it: "zstd", "zstd:LEVEL" (1-15), "zlib", "zlib:LEVEL" (1-9), "lzo" or null.
+  compression ? null,
   zstd,
   # Shell commands that populate the ./files directory; its contents are
   # merged into the root of the image.
@@ -64,7 +67,9 @@ pkgs.stdenv.mkDerivation {
       --timestamp 1 \
       --label ${lib.escapeShellArg volumeLabel} \
       --uuid ${lib.escapeShellArg uuid} \
-      ${lib.optionalString compressImage ''--zstd --threads "$threads"''} \
+      ${lib.optionalString compressImage ''--zstd''} \
+      ${lib.optionalString (compression != null) "--compress ${lib.escapeShellArg compression}"} \
+      --threads "$threads" \
       --quiet \
       -o "$out"
 

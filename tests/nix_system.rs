@@ -556,7 +556,7 @@ fn nix_expressions_evaluate() {
         &store,
         &format!("builtins.functionArgs (import {})", file.display()),
     );
-    let expected = r#"{"btrfs-progs":false,"btrfsimg":true,"checkImage":true,"compressImage":true,"lib":false,"pkgs":false,"populateImageCommands":true,"storePaths":false,"uuid":true,"volumeLabel":false,"zstd":false}"#;
+    let expected = r#"{"btrfs-progs":false,"btrfsimg":true,"checkImage":true,"compressImage":true,"compression":true,"lib":false,"pkgs":false,"populateImageCommands":true,"storePaths":false,"uuid":true,"volumeLabel":false,"zstd":false}"#;
     assert_eq!(args, expected, "argument set of make-btrfs-fs.nix");
 
     let lib_stub = r#"{
@@ -617,11 +617,16 @@ fn nix_expressions_evaluate() {
     for want in [
         r#""name":"btrfs-fs.img.zst""#,
         r#""nativeBuildInputs":["/nix/store/btrfsimg","/nix/store/btrfs-progs","/nix/store/zstd"]"#,
-        "--zstd --threads",
+        "--zstd",
+        "--threads",
         "--uuid '1-2'",
     ] {
         assert!(zst.contains(want), "compressed build lacks {want}: {zst}");
     }
+    assert!(!zst.contains("--compress"), "{zst}");
+    let fs = nix_eval_json(&store, &mk(r#"{ compression = "zlib:9"; }"#));
+    assert!(fs.contains("--compress 'zlib:9'"), "compression lacks --compress: {fs}");
+    assert!(!fs.contains("--zstd"), "{fs}");
 
     let pkg = nix_eval_json(
         &store,
@@ -706,8 +711,8 @@ let
       };
     buildPackages.closureInfo = closureInfo;
   };
-  image = compressImage: import (repo + "/nix/make-btrfs-fs.nix") {
-    inherit pkgs lib compressImage;
+  image = compressImage: compression: import (repo + "/nix/make-btrfs-fs.nix") {
+    inherit pkgs lib compressImage compression;
     storePaths = [ rootPath ];
     zstd = builtins.storePath zstd;
     btrfs-progs = builtins.storePath btrfsProgs;
@@ -719,8 +724,9 @@ let
   };
 in
 {
-  plain = image false;
-  compressed = image true;
+  plain = image false null;
+  compressed = image true null;
+  zstdfs = image false "zstd:5";
   info = closureInfo { rootPaths = [ rootPath ]; };
 }
 "#;
@@ -779,6 +785,7 @@ fn nix_make_btrfs_fs_builds_the_cli_image() {
     };
     let plain = one("plain");
     let compressed = one("compressed");
+    let zstdfs = one("zstdfs");
     let info = one("info");
     assert!(plain.ends_with("-btrfs-fs.img"), "{plain}");
     assert!(compressed.ends_with("-btrfs-fs.img.zst"), "{compressed}");
@@ -808,27 +815,32 @@ fn nix_make_btrfs_fs_builds_the_cli_image() {
 
     let expected = dir.join("expected.img");
     let info_host = store.host_path(&info);
-    export_sources(
-        None,
-        &expected,
-        &[
-            "--closure-info",
-            s(&info_host),
-            "--store-root",
-            s(&store.root),
-            "--files",
-            s(&host_files.join("files")),
-            "--owner",
-            "0:0",
-            "--timestamp",
-            "1",
-            "-L",
-            "NIXOS_SD",
-            "-U",
-            "44444444-4444-4444-8888-888888888888",
-        ],
-    );
+    let files_dir = host_files.join("files");
+    let cli = [
+        "--closure-info",
+        s(&info_host),
+        "--store-root",
+        s(&store.root),
+        "--files",
+        s(&files_dir),
+        "--owner",
+        "0:0",
+        "--timestamp",
+        "1",
+        "-L",
+        "NIXOS_SD",
+        "-U",
+        "44444444-4444-4444-8888-888888888888",
+    ];
+    export_sources(None, &expected, &cli);
     assert_files_identical(&built, &expected);
+    // `compression = "zstd:5"`: the CLI's --compress zstd:5 image.
+    let expected_zstd = dir.join("expected-zstd.img");
+    let mut zargs = cli.to_vec();
+    zargs.extend(["--compress", "zstd:5"]);
+    export_sources(None, &expected_zstd, &zargs);
+    assert_files_identical(&store.host_path(&zstdfs), &expected_zstd);
+    btrfs_check(&store.host_path(&zstdfs));
     let unpacked = dir.join("unpacked.img");
     zstd_decompress(&store.host_path(&compressed), &unpacked);
     assert_files_identical(&unpacked, &expected);
