@@ -625,7 +625,10 @@ fn nix_expressions_evaluate() {
     }
     assert!(!zst.contains("--compress"), "{zst}");
     let fs = nix_eval_json(&store, &mk(r#"{ compression = "zlib:9"; }"#));
-    assert!(fs.contains("--compress 'zlib:9'"), "compression lacks --compress: {fs}");
+    assert!(
+        fs.contains("--compress 'zlib:9'"),
+        "compression lacks --compress: {fs}"
+    );
     assert!(!fs.contains("--zstd"), "{fs}");
 
     let pkg = nix_eval_json(
