@@ -252,6 +252,21 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
             &[&"--size", &"too large"],
         ),
         case(
+            "unknown --compress algorithm",
+            &[&e, &src, &o, &out, &"--compress", &"lz4"],
+            &[&"--compress", &"lz4"],
+        ),
+        case(
+            "--compress level out of range",
+            &[&e, &src, &o, &out, &"--compress", &"zstd:16"],
+            &[&"--compress", &"1 to 15"],
+        ),
+        case(
+            "--compress lzo with a level",
+            &[&e, &src, &o, &out, &"--compress", &"lzo:1"],
+            &[&"--compress", &"no levels"],
+        ),
+        case(
             "--size beyond 8 EiB",
             &[&e, &src, &o, &out, &"--size", &"9223372036854775808"],
             &[&"--size", &"too large", &"8 EiB"],
@@ -1278,4 +1293,35 @@ fn default_uuid_covers_xattrs_and_holes() {
     assert_ne!(ua, ub, "xattr value");
     assert_ne!(ua, uc, "hole layout");
     assert_eq!(ua, ua2, "same tree, same uuid");
+}
+
+/// `--compress` (in the filesystem) and `--zstd` (of the image) at once: the
+/// zstd stream decodes to exactly the `--compress` image written to a file
+/// (which the content pass writes itself), whatever the thread count.
+#[test]
+fn compress_and_zstd_together() {
+    let work = workdir("compress-zstd");
+    let src = work.path().join("src");
+    let mut t = TreeBuilder::new(&src);
+    t.file(b"text", &b"compressible text compressible text\n".repeat(20_000))
+        .random_file(b"random", 300 * KIB, 5)
+        .file(b"small", &b"inline ".repeat(100))
+        .finalize();
+    let args = ["-q", "--compress", "zstd", "-U", "0b0d0a0e-0e00-4000-8000-000000000001"];
+    let plain = work.path().join("plain.img");
+    run_ok(Command::new(btrfsimg_bin()).arg("export").args(args).arg(&src).arg("-o").arg(&plain));
+    for threads in ["1", "2"] {
+        let zst = work.path().join(format!("img-{threads}.zst"));
+        run_ok(
+            Command::new(btrfsimg_bin())
+                .arg("export")
+                .args(args)
+                .args(["--zstd", "--threads", threads])
+                .arg(&src)
+                .arg("-o")
+                .arg(&zst),
+        );
+        let decoded = zstd::stream::decode_all(fs::File::open(&zst).unwrap()).unwrap();
+        assert!(decoded == fs::read(&plain).unwrap(), "threads {threads}");
+    }
 }
