@@ -329,23 +329,38 @@ fn lazy_unmount(path: &Path) {
 /// sequential reader send 1 MiB requests (measured: ~30 % faster `dd`). Only
 /// root may; otherwise reads just stay at 128 KiB.
 fn raise_readahead(mnt: &Path) {
-    // The session loop is not running yet, so nothing may stat the mountpoint:
-    // mountinfo gives the device number without asking the filesystem.
-    let target = mnt.to_string_lossy();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let Some(dev) = mounts
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .filter(|f| f.len() > 4 && unescape_mountinfo(f[4]) == target)
-        .map(|f| f[2].to_string())
-        .next_back()
-    else {
+    let Some(dev) = mounted_device(mnt) else {
         return;
     };
     let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     if let Err(e) = std::fs::write(&knob, format!("{}", MAX_READ / 1024)) {
         log::debug!("{knob}: {e}; readahead stays at the kernel default");
     }
+}
+
+/// The device number ("major:minor") of the mount at `mnt`, from mountinfo:
+/// the session loop may not be running, so nothing may stat the mountpoint.
+fn mounted_device(mnt: &Path) -> Option<String> {
+    let target = mnt.to_string_lossy();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|f| f.len() > 4 && unescape_mountinfo(f[4]) == target)
+        .map(|f| f[2].to_string())
+        .next_back()
+}
+
+/// Whether a failed session loop is the end of an unmount after all: the
+/// kernel answers a request it was handing out while it tore the connection
+/// down with ECONNABORTED instead of ENODEV, a race a lazy unmount hits when
+/// the last reader closes. The unmount is told apart from an abort through
+/// /sys/fs/fuse/connections (which also gives ECONNABORTED but leaves the
+/// mount in place) by the mount being gone.
+fn ended_by_unmount(e: &std::io::Error, mnt: &Path, dev: Option<&str>) -> bool {
+    e.raw_os_error() == Some(libc::ECONNABORTED)
+        && dev.is_some()
+        && mounted_device(mnt).as_deref() != dev
 }
 
 /// Mounts `image` at `mountpoint` and serves it until unmounted or signalled.
@@ -385,6 +400,7 @@ pub fn serve(
     };
     let mut session = fuser::Session::new(fs, &mnt, &config)
         .map_err(|e| crate::Error::at(&mnt, format!("cannot mount: {e}")))?;
+    let dev = mounted_device(&mnt);
     raise_readahead(&mnt);
     let mut unmounter = session.unmount_callable();
     let mnt_for_signal = mnt.clone();
@@ -406,7 +422,11 @@ pub fn serve(
         })
         .map_err(|e| crate::Error::msg(format!("cannot start signal thread: {e}")))?;
     ready(&mnt.join(IMAGE_NAME));
-    session
-        .run()
-        .map_err(|e| crate::Error::at(&mnt, format!("FUSE session failed: {e}")))
+    match session.run() {
+        Err(e) if ended_by_unmount(&e, &mnt, dev.as_deref()) => {
+            log::info!("{}: unmounted ({e} on the last request)", mnt.display());
+            Ok(())
+        }
+        r => r.map_err(|e| crate::Error::at(&mnt, format!("FUSE session failed: {e}"))),
+    }
 }
