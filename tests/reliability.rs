@@ -1303,13 +1303,29 @@ fn compress_and_zstd_together() {
     let work = workdir("compress-zstd");
     let src = work.path().join("src");
     let mut t = TreeBuilder::new(&src);
-    t.file(b"text", &b"compressible text compressible text\n".repeat(20_000))
-        .random_file(b"random", 300 * KIB, 5)
-        .file(b"small", &b"inline ".repeat(100))
-        .finalize();
-    let args = ["-q", "--compress", "zstd", "-U", "0b0d0a0e-0e00-4000-8000-000000000001"];
+    t.file(
+        b"text",
+        &b"compressible text compressible text\n".repeat(20_000),
+    )
+    .random_file(b"random", 300 * KIB, 5)
+    .file(b"small", &b"inline ".repeat(100))
+    .finalize();
+    let args = [
+        "-q",
+        "--compress",
+        "zstd",
+        "-U",
+        "0b0d0a0e-0e00-4000-8000-000000000001",
+    ];
     let plain = work.path().join("plain.img");
-    run_ok(Command::new(btrfsimg_bin()).arg("export").args(args).arg(&src).arg("-o").arg(&plain));
+    run_ok(
+        Command::new(btrfsimg_bin())
+            .arg("export")
+            .args(args)
+            .arg(&src)
+            .arg("-o")
+            .arg(&plain),
+    );
     for threads in ["1", "2"] {
         let zst = work.path().join(format!("img-{threads}.zst"));
         run_ok(
@@ -1324,4 +1340,83 @@ fn compress_and_zstd_together() {
         let decoded = zstd::stream::decode_all(fs::File::open(&zst).unwrap()).unwrap();
         assert!(decoded == fs::read(&plain).unwrap(), "threads {threads}");
     }
+    // One pool makes both: the compressed bytes do not depend on it, and the
+    // image (over 8 MiB) is several independent frames.
+    let (one, two) = (
+        fs::read(work.path().join("img-1.zst")).unwrap(),
+        fs::read(work.path().join("img-2.zst")).unwrap(),
+    );
+    assert!(one == two, "--zstd bytes differ between 1 and 2 threads");
+    let mut frames = 0;
+    let mut rest = &one[..];
+    while !rest.is_empty() {
+        let n = zstd::zstd_safe::find_frame_compressed_size(rest).expect("a zstd frame");
+        rest = &rest[n..];
+        frames += 1;
+    }
+    assert!(frames > 1, "{frames} frame(s)");
+}
+
+/// The positions (`{bytes}` before `/{total_bytes}`) a bar drew on a
+/// terminal, from the lines of `drawn` that `pick` selects.
+fn bar_positions(drawn: &str, pick: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for line in drawn
+        .split(['\r', '\n'])
+        .filter(|l| l.contains(" ETA ") && pick(l))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for w in words.windows(2) {
+            if let Some((unit, total)) = w[1].split_once('/') {
+                if total.starts_with(|c: char| c.is_ascii_digit()) {
+                    let pos = format!("{} {unit}", w[0]);
+                    if seen.last() != Some(&pos) {
+                        seen.push(pos);
+                    }
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// Progress tells the truth while compressing: in a terminal, the content
+/// pass of `--compress` and a `--zstd=19` export each draw their bar at many
+/// positions on the way (bytes done, counted as the encoders take them), not
+/// only at the start and at the end.
+#[test]
+fn progress_moves_while_compressing() {
+    let work = workdir("progress");
+    let src = work.path().join("src");
+    let mut t = TreeBuilder::new(&src);
+    for i in 0..4u64 {
+        t.random_file(format!("random-{i}").as_bytes(), 8 * MIB, 40 + i);
+    }
+    t.file(b"text", &b"progress tells the truth\n".repeat(400_000))
+        .finalize();
+    let out = work.path().join("img.zst");
+    let mut cmd = Command::new(btrfsimg_bin());
+    cmd.args([
+        "export",
+        "--compress",
+        "zstd:15",
+        "--zstd=19",
+        "--threads",
+        "2",
+    ])
+    .arg(&src)
+    .arg("-o")
+    .arg(&out);
+    let (status, drawn) = run_on_terminal(cmd);
+    assert!(status.success(), "{status:?}: {drawn}");
+    let pass = bar_positions(&drawn, |l| l.contains("compressing "));
+    let export = bar_positions(&drawn, |l| !l.contains("compressing "));
+    for (what, seen) in [("content pass", &pass), ("--zstd=19 export", &export)] {
+        assert!(
+            seen.len() >= 4,
+            "the {what} bar drew only {seen:?}; everything drawn: {drawn:?}"
+        );
+    }
+    let decoded = zstd::stream::decode_all(File::open(&out).unwrap()).unwrap();
+    assert!(decoded.len() > 40 << 20, "{}", decoded.len());
 }

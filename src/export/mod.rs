@@ -4,6 +4,8 @@
 //! the whole image has been written; an interrupted or failed export leaves
 //! nothing named like the output behind.
 
+mod frames;
+
 use crate::content::{Piece, PieceSink};
 use crate::error::{Error, Result};
 use crate::format::SECTOR_SIZE;
@@ -28,7 +30,7 @@ const HOLE_GRAIN: usize = 64 << 10;
 pub struct ExportOptions {
     /// zstd compression level, if compressing.
     pub zstd: Option<i32>,
-    /// zstd worker threads (0 = compress in the calling thread).
+    /// Workers compressing `--zstd` frames (0 counts as 1).
     pub threads: u32,
     /// Show a progress bar (bytes, rate, ETA) on stderr.
     pub progress: bool,
@@ -46,6 +48,8 @@ fn progress_bar(image: &Image, opts: &ExportOptions) -> ProgressBar {
     ) {
         pb.set_style(style);
     }
+    // Redraws (rate, ETA) even while a slow encoder holds the position.
+    pb.enable_steady_tick(std::time::Duration::from_millis(500));
     pb
 }
 
@@ -171,15 +175,13 @@ fn stream(
             out.flush().map_err(Stop::Write)
         }
         Some(level) => {
-            let mut enc = zstd::stream::Encoder::new(out, level).map_err(Stop::Write)?;
-            if opts.threads > 0 {
-                enc.multithread(opts.threads).map_err(Stop::Write)?;
+            let pb = progress_bar(image, opts);
+            let r = frames::write(image, out, level, opts, &pb);
+            match r {
+                Ok(()) => pb.finish_and_clear(),
+                Err(_) => pb.abandon(),
             }
-            enc.include_checksum(true).map_err(Stop::Write)?;
-            enc.set_pledged_src_size(Some(image.size()))
-                .map_err(Stop::Write)?;
-            pump(image, opts, Skip::Nothing, |_, data| enc.write_all(data))?;
-            enc.finish().and_then(|w| w.flush()).map_err(Stop::Write)
+            r
         }
     }
 }

@@ -140,3 +140,59 @@ pub fn file_data_ranges(plan: &btrfsimg::plan::Plan, image_path: &str) -> Vec<(u
     assert!(!out.is_empty(), "{image_path} has no data extents");
     out
 }
+
+/// Runs `cmd` with its stderr on a new pseudo-terminal of 120 columns (so it
+/// draws its progress bars, as in a user's terminal) and returns its status
+/// and everything it drew there.
+pub fn run_on_terminal(mut cmd: Command) -> (std::process::ExitStatus, String) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc calls on a descriptor this function owns; the name
+    // buffer outlives the call that fills it.
+    let (master, slave_path) = unsafe {
+        let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(fd >= 0, "posix_openpt: {}", io::Error::last_os_error());
+        assert_eq!(libc::grantpt(fd), 0, "grantpt");
+        assert_eq!(libc::unlockpt(fd), 0, "unlockpt");
+        let ws = libc::winsize {
+            ws_row: 40,
+            ws_col: 120,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        assert_eq!(libc::ioctl(fd, libc::TIOCSWINSZ, &ws), 0, "TIOCSWINSZ");
+        let mut name = [0 as libc::c_char; 256];
+        assert_eq!(libc::ptsname_r(fd, name.as_mut_ptr(), name.len()), 0);
+        let path = std::ffi::CStr::from_ptr(name.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        (File::from_raw_fd(fd), path)
+    };
+    let slave = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&slave_path)
+        .unwrap_or_else(|e| panic!("{slave_path}: {e}"));
+    cmd.stdin(Stdio::null()).stderr(slave);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(&cmd)));
+    // The parent's copy of the terminal goes with the command, so the
+    // reader sees the end (EIO) when the child's copies close.
+    drop(cmd);
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        out
+    });
+    let status = child.wait().expect("wait");
+    let out = reader.join().expect("terminal reader");
+    (status, String::from_utf8_lossy(&out).into_owned())
+}
