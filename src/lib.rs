@@ -76,7 +76,28 @@ pub fn plan_sources_with(
             threads: 0,
         },
     )?;
+    let tree = source::layout::apply(tree, &mount_view(opts), opts.timestamp)?;
     plan_tree(tree, opts, pass, sink)
+}
+
+/// The mount-view subvolumes of `opts` (`--subvol PATH=MOUNTPOINT`).
+pub fn mount_view(opts: &Options) -> Vec<source::layout::Graft> {
+    let parts = |p: &[u8]| -> Vec<Vec<u8>> {
+        p.split(|&b| b == b'/')
+            .filter(|c| !c.is_empty())
+            .map(|c| c.to_vec())
+            .collect()
+    };
+    opts.subvolumes
+        .iter()
+        .filter_map(|s| {
+            s.mountpoint.as_ref().map(|m| source::layout::Graft {
+                path: parts(&s.path),
+                mountpoint: parts(m),
+                shown: s.shown(),
+            })
+        })
+        .collect()
 }
 
 /// Plans a walked or generated tree, with a content pass when compressing.

@@ -147,6 +147,13 @@ struct ImageArgs {
     /// reflinked copies do); file data is then read while planning.
     #[arg(long)]
     dedupe: bool,
+    /// Make directory PATH of the image a subvolume (repeatable; nested ones
+    /// allowed). TYPE: rw (default), ro, default (mounted when no subvol= is
+    /// given; at most one), default-ro. With =MOUNTPOINT, the subvolume PATH
+    /// is created and holds every source entry under MOUNTPOINT, as the booted
+    /// system sees the tree: `default:@=/ --subvol @nix=/nix`.
+    #[arg(long = "subvol", value_name = "[TYPE:]PATH[=MOUNTPOINT]")]
+    subvol: Vec<String>,
     /// Metadata profile.
     #[arg(long, value_enum, default_value = "dup")]
     metadata: Profile,
@@ -253,6 +260,15 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
             None => None,
         },
         dedupe: a.dedupe,
+        subvolumes: {
+            let specs = a
+                .subvol
+                .iter()
+                .map(|s| btrfsimg::plan::subvol::SubvolSpec::parse(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            btrfsimg::plan::subvol::validate_specs(&specs)?;
+            specs
+        },
         ..Options::default()
     })
 }

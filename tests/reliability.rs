@@ -113,6 +113,7 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
     t.file(b"a", b"hello\n")
         .random_file(b"big", 100 * KIB, 1)
         .file(b"d/x", b"x")
+        .symlink(b"ln", b"d")
         .finalize();
     let file = w.join("file");
     fs::write(&file, b"not a directory").unwrap();
@@ -305,6 +306,54 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
             "invalid --nodesize",
             &[&e, &src, &o, &out, &"--nodesize", &"1000"],
             &[&"1000", &"power of two"],
+        ),
+        case(
+            "--subvol PATH missing",
+            &[&e, &src, &o, &out, &"--subvol", &"nosuch/dir"],
+            &[&"/nosuch", &"no such directory", &"--subvol nosuch/dir"],
+        ),
+        case(
+            "--subvol PATH is a file",
+            &[&e, &src, &o, &out, &"--subvol", &"a"],
+            &[&"/a", &"not a directory"],
+        ),
+        case(
+            "--subvol PATH through a symlink",
+            &[&e, &src, &o, &out, &"--subvol", &"ln/x"],
+            &[&"/ln", &"symlink"],
+        ),
+        case(
+            "two default subvolumes",
+            &[
+                &e,
+                &src,
+                &o,
+                &out,
+                &"--subvol",
+                &"default:d",
+                &"--subvol",
+                &"default-ro:e=/e",
+            ],
+            &[&"two default subvolumes", &"default:d", &"default-ro:e=/e"],
+        ),
+        case(
+            "a mountpoint claimed twice",
+            &[
+                &e,
+                &src,
+                &o,
+                &out,
+                &"--subvol",
+                &"x=/d",
+                &"--subvol",
+                &"y=/d/",
+            ],
+            &[&"same mountpoint /d", &"x=/d", &"y=/d"],
+        ),
+        case(
+            "a subvolume name over 255 bytes",
+            &[&e, &src, &o, &out, &"--subvol", &long_label],
+            &[&"--subvol", &"256 bytes"],
         ),
         case(
             "invalid --zstd level",

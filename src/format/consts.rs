@@ -41,6 +41,8 @@ pub const DIR_INDEX_KEY: u8 = 96;
 pub const EXTENT_DATA_KEY: u8 = 108;
 pub const EXTENT_CSUM_KEY: u8 = 128;
 pub const ROOT_ITEM_KEY: u8 = 132;
+pub const ROOT_BACKREF_KEY: u8 = 144;
+pub const ROOT_REF_KEY: u8 = 156;
 pub const EXTENT_ITEM_KEY: u8 = 168;
 pub const METADATA_ITEM_KEY: u8 = 169;
 pub const TREE_BLOCK_REF_KEY: u8 = 176;
@@ -66,6 +68,9 @@ pub const EXTENT_FLAG_TREE_BLOCK: u64 = 0x2;
 
 // Feature flags.
 pub const INCOMPAT_MIXED_BACKREF: u64 = 0x1;
+pub const INCOMPAT_DEFAULT_SUBVOL: u64 = 0x2;
+/// ROOT_ITEM flags: a read-only subvolume.
+pub const ROOT_SUBVOL_RDONLY: u64 = 0x1;
 pub const INCOMPAT_COMPRESS_LZO: u64 = 0x8;
 pub const INCOMPAT_COMPRESS_ZSTD: u64 = 0x10;
 pub const INCOMPAT_BIG_METADATA: u64 = 0x20;
@@ -91,6 +96,10 @@ pub const FT_XATTR: u8 = 8;
 
 /// INODE_ITEM flag: new writes to this file are compressed (chattr +c).
 pub const INODE_FLAG_COMPRESS: u64 = 0x800;
+/// Embedded inode flag of a ROOT_ITEM whose flags and byte limit are valid:
+/// the kernel clears both (a read-only subvolume becomes writable) on
+/// reading a root item without it.
+pub const INODE_FLAG_ROOT_ITEM_INIT: u64 = 1 << 31;
 
 pub const FILE_EXTENT_INLINE: u8 = 0;
 pub const FILE_EXTENT_REG: u8 = 1;
@@ -102,6 +111,8 @@ pub const INODE_ITEM_SIZE: usize = 160;
 pub const ROOT_ITEM_SIZE: usize = 439;
 pub const DIR_ITEM_HEADER: usize = 30;
 pub const INODE_REF_HEADER: usize = 10;
+/// ROOT_REF / ROOT_BACKREF body before the name.
+pub const ROOT_REF_HEADER: usize = 18;
 pub const INODE_EXTREF_HEADER: usize = 18;
 pub const CHUNK_ITEM_BASE: usize = 48;
 pub const CHUNK_STRIPE_SIZE: usize = 32;

@@ -50,6 +50,16 @@ pub fn write_inode_ref(b: &mut [u8], index: u64, name: &[u8]) -> usize {
     INODE_REF_HEADER + name.len()
 }
 
+/// A ROOT_REF or ROOT_BACKREF body: the directory (in the parent tree)
+/// holding a subvolume's entry, the entry's DIR_INDEX, and its name.
+pub fn write_root_ref(b: &mut [u8], dirid: u64, sequence: u64, name: &[u8]) -> usize {
+    put_u64(b, 0, dirid);
+    put_u64(b, 8, sequence);
+    put_u16(b, 16, name.len() as u16);
+    b[18..18 + name.len()].copy_from_slice(name);
+    ROOT_REF_HEADER + name.len()
+}
+
 /// One INODE_EXTREF record; returns the bytes written.
 pub fn write_inode_extref(b: &mut [u8], parent: u64, index: u64, name: &[u8]) -> usize {
     put_u64(b, 0, parent);
@@ -126,6 +136,8 @@ pub struct RootItem {
     pub bytes_used: u64,
     pub refs: u32,
     pub level: u8,
+    /// ROOT_SUBVOL_RDONLY for a read-only subvolume.
+    pub flags: u64,
     pub uuid: [u8; 16],
     pub ctransid: u64,
     pub otransid: u64,
@@ -141,6 +153,7 @@ impl RootItem {
         put_u64(b, 168, self.root_dirid);
         put_u64(b, 176, self.bytenr);
         put_u64(b, 192, self.bytes_used);
+        put_u64(b, 208, self.flags);
         put_u32(b, 216, self.refs);
         b[238] = self.level;
         put_u64(b, 239, self.generation);

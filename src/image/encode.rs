@@ -8,6 +8,7 @@ use crate::format::block::{seal, write_key_ptr, Header, LeafWriter};
 use crate::format::items::{
     write_block_group, write_data_extent, write_data_refs, write_dir_record, write_free_space_info,
     write_inline_extent_header, write_inode_extref, write_inode_ref, write_metadata_extent,
+    write_root_ref,
 };
 use crate::format::*;
 use crate::plan::items::Body;
@@ -139,6 +140,13 @@ pub fn encode_body(
         }
         Body::FreeSpaceInfo { extent_count } => write_free_space_info(out, *extent_count),
         Body::Uuid(id) => put_u64(out, 0, *id),
+        Body::RootRef {
+            dirid,
+            sequence,
+            name,
+        } => {
+            write_root_ref(out, *dirid, *sequence, name);
+        }
     }
     Ok(())
 }

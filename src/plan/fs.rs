@@ -12,6 +12,7 @@
 use super::data::DataExtent;
 use super::items::{Body, DirEntry, Item, ItemSource};
 use super::pack::Oversized;
+use super::subvol::Partition;
 use super::trees::{DataRef, ExtentOwners};
 use crate::content::{ContentIndex, Stored};
 use crate::error::{Error, Result};
@@ -40,13 +41,15 @@ const XATTR_COLLISION: u8 = 4;
 const DIR_COLLISION: u8 = 8;
 /// Stored compressed (inline or in at least one extent): gets INODE_FLAG_COMPRESS.
 const COMPRESSED: u8 = 16;
-/// Shares an earlier inode's extents (dedupe).
+/// Shares another inode's extents (dedupe, or a hard link split between
+/// subvolumes).
 const SHARED: u8 = 32;
 
 /// 16 bytes per inode: the flags live in the top byte of the item index.
 #[derive(Clone, Copy, Debug)]
 struct Inode {
-    /// The source node that holds this inode's attributes (first of its hard links).
+    /// The source node of this inode's first name in this tree (its
+    /// attributes are its first hard link's, `SourceTree::link_rep`).
     node: u32,
     /// Its first data extent; it has those up to the next inode's.
     ext_start: u32,
@@ -101,24 +104,31 @@ type XattrGroup<'a> = Vec<(&'a [u8], &'a [u8])>;
 
 pub struct FsItems {
     tree: Arc<SourceTree>,
+    /// Which tree each node is in, and its inode index there.
+    part: Arc<Partition>,
+    /// This tree's index in `part.subvols`.
+    this: usize,
     /// The tree's object id (5 for the top-level fs tree).
     objectid: u64,
     inodes: Vec<Inode>,
-    /// Inode index (ino - 256) of every source node.
+    /// Inode index (ino - 256) of every source node, in its own tree.
     node_ino: Arc<Vec<u32>>,
     /// For every directory, its children sorted by (name hash, node); stored at
-    /// the positions of the children themselves.
-    hash_order: Vec<u32>,
+    /// the positions of the children themselves (one for all trees).
+    hash_order: Arc<Vec<u32>>,
     /// Directories with colliding name hashes: start of each DIR_ITEM group.
     dir_groups: BTreeMap<u32, Vec<u32>>,
     /// Inodes whose xattr names collide: the number of XATTR_ITEMs.
     xattr_items: BTreeMap<u32, u32>,
     links: BTreeMap<u32, Links>,
-    /// Inodes sharing an earlier inode's extents: sharer -> source, and
-    /// source -> sharers.
+    /// Inodes sharing another file's extents: sharer -> the source node
+    /// that has them (in this tree or another).
     shared: BTreeMap<u32, u32>,
-    sharers: Arc<BTreeMap<u32, Vec<u32>>>,
+    /// Extent ranges of the shared sources, once placed.
+    shared_ranges: BTreeMap<u32, (u32, u32)>,
     extents: Arc<Vec<DataExtent>>,
+    /// End of this tree's own extents in `extents`.
+    ext_end: u32,
     /// What the content pass decided, when there was one.
     content: Option<Arc<ContentIndex>>,
     policy: InodePolicy,
@@ -144,39 +154,62 @@ fn distinct_hashes<'a>(names: impl Iterator<Item = &'a [u8]>) -> u32 {
     h.len() as u32
 }
 
+/// Every directory's children sorted by (name hash, node), at the children's
+/// own positions: the order of DIR_ITEMs, shared by all trees.
+pub fn hash_order(tree: &SourceTree) -> Arc<Vec<u32>> {
+    let mut order: Vec<u32> = (0..tree.len() as u32).collect();
+    for d in 0..tree.len() as u32 {
+        if tree.node(d).kind == Kind::Dir {
+            let r = tree.children(d);
+            order[r.start as usize..r.end as usize]
+                .sort_by_cached_key(|&c| (name_hash(tree.name(c)), c));
+        }
+    }
+    Arc::new(order)
+}
+
 impl FsItems {
-    /// Numbers inodes and groups names; file extents are attached later.
+    /// Numbers inodes and groups names of tree `this` of `part`; file
+    /// extents are attached later.
     pub fn new(
         tree: Arc<SourceTree>,
-        objectid: u64,
+        part: Arc<Partition>,
+        this: usize,
+        hash_order: Arc<Vec<u32>>,
         policy: InodePolicy,
         nodesize: u32,
         content: Option<Arc<ContentIndex>>,
     ) -> Result<FsItems> {
         let n = tree.len();
-        let mut node_ino = vec![0u32; n];
+        let objectid = part.subvols[this].id;
+        let node_ino = part.node_ino.clone();
         let mut inodes: Vec<Inode> = Vec::new();
         let mut xattr_items = BTreeMap::new();
         let mut shared: BTreeMap<u32, u32> = BTreeMap::new();
         let mut nlinks: BTreeMap<u32, u32> = BTreeMap::new();
         for i in 0..n as u32 {
-            let node = tree.node(i);
-            let link_rep = tree.link_rep(i);
-            if link_rep != i {
-                let rep = node_ino[link_rep as usize];
-                node_ino[i as usize] = rep;
-                *nlinks.entry(rep).or_insert(1) += 1;
+            if part.subvol(i) != this {
                 continue;
             }
+            let ino = node_ino[i as usize];
+            if (ino as usize) < inodes.len() {
+                // A later name of an inode of this tree.
+                *nlinks.entry(ino).or_insert(1) += 1;
+                continue;
+            }
+            debug_assert_eq!(ino as usize, inodes.len(), "inodes are numbered in order");
+            // Attributes and data are the first hard link's (in this tree or,
+            // for a link split between subvolumes, another).
+            let a = tree.link_rep(i);
+            let node = tree.node(a);
             let idx = inodes.len() as u32;
-            node_ino[i as usize] = idx;
             let mut flags = 0;
-            let stored = content.as_ref().and_then(|c| c.stored(i));
+            let stored = content.as_ref().and_then(|c| c.stored(a));
             let inline = match (node.kind, stored) {
                 (Kind::Symlink, _) => true,
                 (Kind::File, Some(s)) => matches!(s, Stored::Inline { .. }),
                 (Kind::File, None) => {
-                    node.size > 0 && node.size <= policy.max_inline && !tree.segments(i).is_empty()
+                    node.size > 0 && node.size <= policy.max_inline && !tree.segments(a).is_empty()
                 }
                 _ => false,
             };
@@ -199,13 +232,20 @@ impl FsItems {
             if compressed {
                 flags |= COMPRESSED;
             }
-            if let Some(Stored::Shared { node: of }) = stored {
-                flags |= SHARED;
-                shared.insert(idx, node_ino[of as usize]);
+            match stored {
+                Some(Stored::Shared { node: of }) => {
+                    flags |= SHARED;
+                    shared.insert(idx, of);
+                }
+                _ if a != i && node.kind == Kind::File && !inline => {
+                    flags |= SHARED;
+                    shared.insert(idx, a);
+                }
+                _ => {}
             }
-            let count = tree.xattr_count(i);
+            let count = tree.xattr_count(a);
             if count > 1 {
-                let groups = distinct_hashes(tree.xattrs(i).map(|(k, _)| k));
+                let groups = distinct_hashes(tree.xattrs(a).map(|(k, _)| k));
                 if groups != count {
                     flags |= XATTR_COLLISION;
                     xattr_items.insert(idx, groups);
@@ -216,10 +256,12 @@ impl FsItems {
 
         // Hard links: group names by parent inode; overflow into INODE_EXTREF.
         let mut by_inode: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        for i in 1..n as u32 {
-            let ino = node_ino[i as usize];
-            if nlinks.contains_key(&ino) {
-                by_inode.entry(ino).or_default().push(i);
+        if !nlinks.is_empty() {
+            for i in 0..n as u32 {
+                let ino = node_ino[i as usize];
+                if part.subvol(i) == this && nlinks.contains_key(&ino) {
+                    by_inode.entry(ino).or_default().push(i);
+                }
             }
         }
         let max_item = max_item_size(nodesize);
@@ -268,7 +310,6 @@ impl FsItems {
         }
 
         // Directory items in hash order.
-        let mut hash_order: Vec<u32> = (0..n as u32).collect();
         let mut dir_groups = BTreeMap::new();
         for inode in inodes.iter_mut() {
             let d = inode.node;
@@ -276,8 +317,7 @@ impl FsItems {
                 continue;
             }
             let r = tree.children(d);
-            let slice = &mut hash_order[r.start as usize..r.end as usize];
-            slice.sort_by_cached_key(|&c| (name_hash(tree.name(c)), c));
+            let slice = &hash_order[r.start as usize..r.end as usize];
             let mut groups = Vec::new();
             let mut last = None;
             for (k, &c) in slice.iter().enumerate() {
@@ -295,19 +335,19 @@ impl FsItems {
 
         Ok(FsItems {
             tree,
+            part,
+            this,
             objectid,
             inodes,
-            node_ino: Arc::new(node_ino),
+            node_ino,
             hash_order,
             dir_groups,
             xattr_items,
             links,
-            sharers: Arc::new(shared.iter().fold(BTreeMap::new(), |mut m, (&s, &src)| {
-                m.entry(src).or_insert_with(Vec::new).push(s);
-                m
-            })),
             shared,
+            shared_ranges: BTreeMap::new(),
             extents: Arc::new(Vec::new()),
+            ext_end: 0,
             content,
             policy,
             items: 0,
@@ -324,26 +364,44 @@ impl FsItems {
             .map(|i| i.node)
     }
 
-    /// Attaches the placed data extents (in inode order) and computes item indexes.
-    pub fn set_extents(&mut self, extents: Arc<Vec<DataExtent>>) {
-        let mut e = 0usize;
+    /// The source nodes whose extents other inodes share.
+    pub fn shared_sources(&self) -> impl Iterator<Item = u32> + '_ {
+        self.shared.values().copied()
+    }
+
+    /// Attaches the placed data extents: this tree's own are `own` (in inode
+    /// order), `ranges` gives those of every shared source; computes item
+    /// indexes.
+    pub fn set_extents(
+        &mut self,
+        extents: Arc<Vec<DataExtent>>,
+        own: std::ops::Range<usize>,
+        ranges: &BTreeMap<u32, (u32, u32)>,
+    ) {
+        self.shared_ranges = self
+            .shared
+            .values()
+            .map(|&src| (src, ranges.get(&src).copied().unwrap_or((0, 0))))
+            .collect();
+        let mut e = own.start;
         let mut next = 0u64;
-        let mut counts = vec![0u64; self.inodes.len()];
         for idx in 0..self.inodes.len() {
             let node = self.inodes[idx].node;
-            while e < extents.len() && self.node_ino[extents[e].node as usize] < idx as u32 {
+            while e < own.end && self.node_ino[extents[e].node as usize] < idx as u32 {
                 e += 1;
             }
             self.inodes[idx].ext_start = e as u32;
             self.inodes[idx].set_first_item(next);
             let mut end = e;
-            while end < extents.len() && extents[end].node == node {
+            while end < own.end && extents[end].node == node {
                 end += 1;
             }
-            counts[idx] = (end - e) as u64;
             let ext_count = match self.shared.get(&(idx as u32)) {
-                Some(&src) => counts[src as usize],
-                None => counts[idx],
+                Some(src) => {
+                    let (s, e) = self.shared_ranges[src];
+                    (e - s) as u64
+                }
+                None => (end - e) as u64,
             };
             next += (0..5)
                 .map(|sec| self.section_len(idx, sec) as u64)
@@ -355,17 +413,13 @@ impl FsItems {
                 };
         }
         self.extents = extents;
+        self.ext_end = own.end as u32;
         self.items = next;
     }
 
-    /// Which inode and fs tree own each data extent (for the extent tree).
-    pub fn owners(&self) -> Arc<dyn ExtentOwners> {
-        Arc::new(FsOwners {
-            node_ino: self.node_ino.clone(),
-            extents: self.extents.clone(),
-            sharers: self.sharers.clone(),
-            objectid: self.objectid,
-        })
+    /// The tree's object id (5, or the subvolume's id).
+    pub fn objectid(&self) -> u64 {
+        self.objectid
     }
 
     pub fn inode_count(&self) -> usize {
@@ -377,15 +431,21 @@ impl FsItems {
     }
 
     fn ext_range(&self, idx: usize) -> std::ops::Range<usize> {
-        if let Some(&src) = self.shared.get(&(idx as u32)) {
-            return self.ext_range(src as usize);
+        if let Some(src) = self.shared.get(&(idx as u32)) {
+            let (s, e) = self.shared_ranges[src];
+            return s as usize..e as usize;
         }
         let s = self.inodes[idx].ext_start as usize;
         let e = self
             .inodes
             .get(idx + 1)
-            .map_or(self.extents.len(), |i| i.ext_start as usize);
+            .map_or(self.ext_end as usize, |i| i.ext_start as usize);
         s..e.max(s)
+    }
+
+    /// The node holding inode `idx`'s attributes and data.
+    fn attr(&self, idx: usize) -> u32 {
+        self.tree.link_rep(self.inodes[idx].node)
     }
 
     fn index_in_parent(&self, c: u32) -> u64 {
@@ -393,13 +453,19 @@ impl FsItems {
         2 + (c - self.tree.node(p).first_child()) as u64
     }
 
+    /// Where a directory entry points: the child's inode, or for the root
+    /// of a nested subvolume, its ROOT_ITEM (as `btrfs subvolume create`
+    /// writes it).
     fn location(&self, c: u32) -> Key {
+        if self.part.subvol(c) != self.this {
+            return Key::new(self.part.id_of(c), ROOT_ITEM_KEY, 0);
+        }
         Key::new(self.ino(self.node_ino[c as usize]), INODE_ITEM_KEY, 0)
     }
 
     fn nbytes(&self, idx: usize) -> u64 {
         let inode = &self.inodes[idx];
-        let node = self.tree.node(inode.node);
+        let node = self.tree.node(self.attr(idx));
         match node.kind {
             Kind::Symlink => node.size,
             Kind::File if inode.has(INLINE) => node.size,
@@ -413,7 +479,7 @@ impl FsItems {
 
     fn inode_item(&self, idx: usize) -> InodeItem {
         let inode = &self.inodes[idx];
-        let node = self.tree.node(inode.node);
+        let node = self.tree.node(self.attr(idx));
         let p = &self.policy;
         let (uid, gid) = p.owner.unwrap_or((node.uid, node.gid));
         let nlink = match self.links.get(&(idx as u32)) {
@@ -459,7 +525,7 @@ impl FsItems {
             2 if inode.has(XATTR_COLLISION) => {
                 self.xattr_items.get(&(idx as u32)).copied().unwrap_or(0)
             }
-            2 => self.tree.xattr_count(inode.node),
+            2 => self.tree.xattr_count(self.attr(idx)),
             3 if inode.has(DIR_COLLISION) => self
                 .dir_groups
                 .get(&inode.node)
@@ -552,7 +618,7 @@ impl FsItems {
     fn extent_item(&self, idx: usize, k: u32) -> Item<'_> {
         let ino = self.ino(idx as u32);
         let inode = &self.inodes[idx];
-        let d = inode.node;
+        let d = self.attr(idx);
         let node = self.tree.node(d);
         if inode.has(INLINE) {
             let compressed = self.content.as_ref().and_then(|c| match c.stored(d) {
@@ -684,23 +750,46 @@ impl FsItems {
     }
 }
 
-/// (fs tree, inode number) of each data extent.
+/// (fs tree, inode number) of each data extent, over all trees.
 struct FsOwners {
-    node_ino: Arc<Vec<u32>>,
+    part: Arc<Partition>,
     extents: Arc<Vec<DataExtent>>,
-    sharers: Arc<BTreeMap<u32, Vec<u32>>>,
-    objectid: u64,
+    /// Source node -> the (tree, inode) of every inode sharing its extents.
+    sharers: BTreeMap<u32, Vec<(u64, u64)>>,
+}
+
+/// Which inodes of which fs trees refer to each data extent (for the extent
+/// tree), once every tree has its extents.
+pub fn owners(trees: &[FsItems]) -> Arc<dyn ExtentOwners> {
+    let first = trees.first().expect("there is a top-level tree");
+    let mut sharers: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+    for t in trees {
+        for (&idx, &src) in &t.shared {
+            sharers
+                .entry(src)
+                .or_default()
+                .push((t.objectid, t.ino(idx)));
+        }
+    }
+    Arc::new(FsOwners {
+        part: first.part.clone(),
+        extents: first.extents.clone(),
+        sharers,
+    })
 }
 
 impl ExtentOwners for FsOwners {
     fn owners(&self, extent: u32) -> Vec<DataRef> {
         let e = &self.extents[extent as usize];
-        let ino = self.node_ino[e.node as usize];
-        std::iter::once(ino)
-            .chain(self.sharers.get(&ino).into_iter().flatten().copied())
-            .map(|i| DataRef {
-                root: self.objectid,
-                ino: 256 + i as u64,
+        let own = (
+            self.part.id_of(e.node),
+            256 + self.part.node_ino[e.node as usize] as u64,
+        );
+        std::iter::once(own)
+            .chain(self.sharers.get(&e.node).into_iter().flatten().copied())
+            .map(|(root, ino)| DataRef {
+                root,
+                ino,
                 offset: e.file_offset,
                 count: 1,
             })
@@ -746,7 +835,7 @@ impl<'a> Iterator for FsIter<'a> {
                 2 => {
                     let fs = self.fs;
                     let groups = self.xattrs.get_or_insert_with(|| {
-                        let mut g = fs.xattr_groups(fs.inodes[idx].node).into_iter();
+                        let mut g = fs.xattr_groups(fs.attr(idx)).into_iter();
                         if k > 0 {
                             g.nth(k as usize - 1);
                         }

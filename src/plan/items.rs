@@ -71,6 +71,12 @@ pub enum Body<'a> {
     Empty,
     /// UUID tree entry: the subvolume id.
     Uuid(u64),
+    /// ROOT_REF / ROOT_BACKREF: where a subvolume's entry is.
+    RootRef {
+        dirid: u64,
+        sequence: u64,
+        name: Box<[u8]>,
+    },
 }
 
 impl Body<'_> {
@@ -107,6 +113,7 @@ impl Body<'_> {
             Body::FreeSpaceInfo { .. } => FREE_SPACE_INFO_SIZE,
             Body::Empty => 0,
             Body::Uuid(_) => 8,
+            Body::RootRef { name, .. } => ROOT_REF_HEADER + name.len(),
         }
     }
 }

@@ -24,6 +24,7 @@ pub const MAX_SYMLINK: u64 = 4095;
 pub const MAX_INLINE: u64 = SECTOR_SIZE - 1;
 
 pub fn validate_options(opts: &Options) -> Result<()> {
+    super::subvol::validate_specs(&opts.subvolumes)?;
     if !opts.nodesize.is_power_of_two() || !(4096..=65536).contains(&opts.nodesize) {
         return Err(Error::msg(format!(
             "invalid node size {}: must be a power of two from 4096 to 65536",

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod limits;
 pub mod pack;
 pub mod space;
+pub mod subvol;
 pub mod tree_id;
 pub mod trees;
 pub mod uuid;
@@ -59,6 +60,9 @@ pub struct Options {
     /// Files with equal content share one set of extents (needs the content
     /// pass's result).
     pub dedupe: bool,
+    /// Directories of the top-level view that become subvolumes (the
+    /// mount-view form is applied to the sources before planning).
+    pub subvolumes: Vec<subvol::SubvolSpec>,
 }
 
 impl Default for Options {
@@ -76,6 +80,7 @@ impl Default for Options {
             rw_slack: true,
             compression: None,
             dedupe: false,
+            subvolumes: Vec::new(),
         }
     }
 }
@@ -217,6 +222,16 @@ struct Ids {
 }
 
 impl Ids {
+    /// The UUID of fs tree `id` (5 or a subvolume).
+    fn tree_uuid(&self, id: u64) -> [u8; 16] {
+        match id {
+            FS_TREE => self.fs_tree,
+            _ => uuid::derive_uuid(&[&self.fsid, b"subvolume", &id.to_le_bytes()]),
+        }
+    }
+}
+
+impl Ids {
     fn derive(tree: &SourceTree, content: Option<&ContentIndex>, opts: &Options) -> Ids {
         let fsid = opts.fsid.unwrap_or_else(|| {
             let u = uuid::content_uuid(tree, opts);
@@ -238,28 +253,36 @@ impl Ids {
 /// File data placed in DATA chunks.
 struct Placement {
     extents: Arc<Vec<DataExtent>>,
+    /// Each fs tree's own extents, in `extents`.
+    own: Vec<std::ops::Range<usize>>,
     chunks: Vec<Chunk>,
     end: u64,
 }
 
-/// Packs every regular file's data, in inode order, from `space::DATA_START`:
-/// as the content pass cut it, or (without one) as its data segments.
+/// Packs every regular file's data, tree by tree in inode order, from
+/// `space::DATA_START`: as the content pass cut it, or (without one) as its
+/// data segments.
 fn place_data(
     tree: &SourceTree,
-    fs: &FsItems,
+    fs_trees: &[FsItems],
     content: Option<&ContentIndex>,
     opts: &Options,
 ) -> Result<Placement> {
     let start = space::DATA_START;
     let mut alloc = DataAllocator::new(start, space::DATA_CHUNK_MAX, space::data_exclusions(start));
-    for node in fs.extent_files() {
-        match content.and_then(|c| c.stored(node)) {
-            Some(Stored::Pieces { first, count }) => {
-                let c = content.expect("a stored file has a content index");
-                alloc.place_pieces(node, c.pieces(first, count));
+    let mut own = Vec::with_capacity(fs_trees.len());
+    for fs in fs_trees {
+        let first = alloc.extents.len();
+        for node in fs.extent_files() {
+            match content.and_then(|c| c.stored(node)) {
+                Some(Stored::Pieces { first, count }) => {
+                    let c = content.expect("a stored file has a content index");
+                    alloc.place_pieces(node, c.pieces(first, count));
+                }
+                _ => alloc.place(node, tree.segments(node)),
             }
-            _ => alloc.place(node, tree.segments(node)),
         }
+        own.push(first..alloc.extents.len());
     }
     if alloc.extents.len() >= u32::MAX as usize {
         return Err(Error::msg(format!(
@@ -274,9 +297,53 @@ fn place_data(
     let chunks = space::data_chunks(start, end, slack, &extents);
     Ok(Placement {
         extents,
+        own,
         chunks,
         end,
     })
+}
+
+/// The extent range of each node in `sources` (a file's extents are
+/// contiguous).
+fn shared_ranges(
+    extents: &[DataExtent],
+    sources: impl Iterator<Item = u32>,
+) -> std::collections::BTreeMap<u32, (u32, u32)> {
+    let wanted: std::collections::BTreeSet<u32> = sources.collect();
+    let mut ranges = std::collections::BTreeMap::new();
+    if wanted.is_empty() {
+        return ranges;
+    }
+    let mut i = 0;
+    while i < extents.len() {
+        let (node, first) = (extents[i].node, i);
+        while i < extents.len() && extents[i].node == node {
+            i += 1;
+        }
+        if wanted.contains(&node) {
+            ranges.insert(node, (first as u32, i as u32));
+        }
+    }
+    ranges
+}
+
+/// Where each subvolume's entry is, for the root tree.
+fn subvol_roots(tree: &SourceTree, part: &subvol::Partition, ids: &Ids) -> Vec<trees::SubvolRoot> {
+    part.subvols[1..]
+        .iter()
+        .map(|sv| {
+            let dir = tree.node(sv.root).parent;
+            trees::SubvolRoot {
+                id: sv.id,
+                parent: part.subvols[sv.parent].id,
+                dirid: FIRST_FREE_OBJECTID + part.node_ino[dir as usize] as u64,
+                sequence: 2 + (sv.root - tree.node(dir).first_child()) as u64,
+                name: tree.name(sv.root).into(),
+                uuid: ids.tree_uuid(sv.id),
+                readonly: sv.readonly,
+            }
+        })
+        .collect()
 }
 
 /// Packs a tree whose items came from input: an item that fits no leaf is
@@ -339,46 +406,80 @@ pub fn build_with(
     let tree = Arc::new(source);
     let content = content.map(Arc::new);
 
-    // Inodes, then data placement in inode order.
-    let mut fs = FsItems::new(
-        tree.clone(),
-        FS_TREE,
-        InodePolicy {
-            generation: g,
-            owner: opts.owner,
-            otime: time,
-            max_inline: max_inline(opts),
-        },
-        nodesize,
-        content.clone(),
-    )?;
-    let data = place_data(&tree, &fs, content.as_deref(), opts)?;
-    fs.set_extents(data.extents.clone());
-    let owners = fs.owners();
+    // Subvolumes, inodes, then data placement tree by tree in inode order.
+    let (part, warnings) = subvol::resolve(&tree, &opts.subvolumes)?;
+    for w in &warnings {
+        log::warn!("{w}");
+    }
+    let part = Arc::new(part);
+    let hash_order = fs::hash_order(&tree);
+    let policy = InodePolicy {
+        generation: g,
+        owner: opts.owner,
+        otime: time,
+        max_inline: max_inline(opts),
+    };
+    let mut fs_trees: Vec<FsItems> = (0..part.subvols.len())
+        .map(|s| {
+            FsItems::new(
+                tree.clone(),
+                part.clone(),
+                s,
+                hash_order.clone(),
+                policy.clone(),
+                nodesize,
+                content.clone(),
+            )
+        })
+        .collect::<Result<_>>()?;
+    drop(hash_order);
+    let data = place_data(&tree, &fs_trees, content.as_deref(), opts)?;
+    let ranges = shared_ranges(
+        &data.extents,
+        fs_trees.iter().flat_map(|t| t.shared_sources()),
+    );
+    for (t, own) in fs_trees.iter_mut().zip(&data.own) {
+        t.set_extents(data.extents.clone(), own.clone(), &ranges);
+    }
+    let owners = fs::owners(&fs_trees);
+    let subvols = subvol_roots(&tree, &part, &ids);
+    let default_subvol = part.default().map(|s| s.id);
 
-    // Trees whose shape does not depend on addresses. The fs tree is where
-    // input meets leaves: its oversized items are the input's errors.
-    let fs_shape = pack_input(&fs, nodesize, |o| fs.oversized(o, nodesize))?;
+    // Trees whose shape does not depend on addresses. The fs trees are where
+    // input meets leaves: their oversized items are the input's errors.
+    let mut fs_shapes = Vec::with_capacity(fs_trees.len());
+    for t in &fs_trees {
+        fs_shapes.push((
+            TreeId::Fs(t.objectid()),
+            pack_input(t, nodesize, |o| t.oversized(o, nodesize))?,
+        ));
+    }
     let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize);
     let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize)?;
-    let uuid_items = trees::uuid_tree(ids.fs_tree);
+    let uuid_items = trees::uuid_tree(
+        &part
+            .subvols
+            .iter()
+            .map(|s| (ids.tree_uuid(s.id), s.id))
+            .collect::<Vec<_>>(),
+    );
     let reloc_items = trees::reloc_tree(g, time);
-    let rooted: Vec<TreeId> = [
-        TreeId::Extent,
-        TreeId::Dev,
-        TreeId::Fs(FS_TREE),
+    let mut rooted: Vec<TreeId> = vec![TreeId::Extent, TreeId::Dev];
+    rooted.extend(fs_shapes.iter().map(|(id, _)| *id));
+    rooted.extend([
         TreeId::Csum,
         TreeId::Uuid,
         TreeId::FreeSpace,
         TreeId::DataReloc,
-    ]
-    .to_vec();
-    let root_items = |infos: &[(TreeId, trees::RootInfo)]| root_tree(opts, ids.fs_tree, infos);
+    ]);
+    let root_items = |infos: &[(TreeId, trees::RootInfo)]| {
+        root_tree(opts, ids.fs_tree, infos, &subvols, default_subvol)
+    };
     let placeholder: Vec<(TreeId, trees::RootInfo)> =
         rooted.iter().map(|&t| (t, Default::default())).collect();
     let root_shape = pack_internal(TreeId::Root, &root_items(&placeholder), nodesize)?;
-    let fixed = vec![
-        (TreeId::Fs(FS_TREE), fs_shape),
+    let mut fixed = fs_shapes;
+    fixed.extend([
         (TreeId::Csum, csum_shape),
         (
             TreeId::Uuid,
@@ -389,7 +490,7 @@ pub fn build_with(
             pack_internal(TreeId::DataReloc, &reloc_items, nodesize)?,
         ),
         (TreeId::Root, root_shape),
-    ];
+    ]);
 
     // Where every block goes.
     let layout = layout::solve(&layout::LayoutInput {
@@ -435,7 +536,9 @@ pub fn build_with(
         data,
         layout,
         total_bytes,
-        fs,
+        fs_trees,
+        subvols,
+        default_subvol,
         csum,
         uuid_items,
         reloc_items,
@@ -448,6 +551,8 @@ fn root_tree(
     opts: &Options,
     fs_uuid: [u8; 16],
     infos: &[(TreeId, trees::RootInfo)],
+    subvols: &[trees::SubvolRoot],
+    default_subvol: Option<u64>,
 ) -> items::VecItems {
     trees::root_tree(&trees::RootTreeInput {
         generation: GENERATION,
@@ -458,6 +563,8 @@ fn root_tree(
         },
         roots: infos,
         fs_uuid,
+        subvols,
+        default_subvol,
     })
 }
 
@@ -470,7 +577,9 @@ struct Assembly<'a> {
     data: Placement,
     layout: layout::Layout,
     total_bytes: u64,
-    fs: FsItems,
+    fs_trees: Vec<FsItems>,
+    subvols: Vec<trees::SubvolRoot>,
+    default_subvol: Option<u64>,
     csum: trees::CsumItems,
     uuid_items: items::VecItems,
     reloc_items: items::VecItems,
@@ -521,7 +630,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
         })
         .collect();
     let chunk_items = trees::chunk_tree(dev_item, &chunks);
-    let root_items = root_tree(a.opts, a.ids.fs_tree, &infos);
+    let root_items = root_tree(a.opts, a.ids.fs_tree, &infos, &a.subvols, a.default_subvol);
     for (id, items) in [
         (TreeId::Chunk, &chunk_items as &dyn ItemSource),
         (TreeId::Root, &root_items),
@@ -534,9 +643,13 @@ fn assemble(a: Assembly) -> Result<Plan> {
         }
     }
 
-    let mut sources: Vec<(TreeId, Box<dyn ItemSource>)> = vec![
-        (TreeId::Fs(FS_TREE), Box::new(a.fs)),
-        (TreeId::Csum, Box::new(a.csum)),
+    let mut sources: Vec<(TreeId, Box<dyn ItemSource>)> = a
+        .fs_trees
+        .into_iter()
+        .map(|t| (TreeId::Fs(t.objectid()), Box::new(t) as Box<dyn ItemSource>))
+        .collect();
+    sources.extend([
+        (TreeId::Csum, Box::new(a.csum) as Box<dyn ItemSource>),
         (TreeId::Uuid, Box::new(a.uuid_items)),
         (TreeId::DataReloc, Box::new(a.reloc_items)),
         (TreeId::Root, Box::new(root_items)),
@@ -544,7 +657,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
         (TreeId::FreeSpace, Box::new(lay.free_space_items)),
         (TreeId::Dev, Box::new(lay.dev_items)),
         (TreeId::Chunk, Box::new(chunk_items)),
-    ];
+    ]);
     let mut trees: Vec<TreePlan> = Vec::with_capacity(lay.trees.len());
     for ((id, shape), addrs) in lay.trees.into_iter().zip(lay.addrs) {
         let k = sources
@@ -597,6 +710,11 @@ fn assemble(a: Assembly) -> Result<Plan> {
         nodesize,
         compat_ro_flags: COMPAT_RO_FREE_SPACE_TREE | COMPAT_RO_FREE_SPACE_TREE_VALID,
         incompat_flags: INCOMPAT_MIXED_BACKREF
+            | if a.default_subvol.is_some() {
+                INCOMPAT_DEFAULT_SUBVOL
+            } else {
+                0
+            }
             | INCOMPAT_EXTENDED_IREF
             | INCOMPAT_SKINNY_METADATA
             | INCOMPAT_NO_HOLES

@@ -81,13 +81,18 @@ pub fn dev_tree(chunks: &[Chunk], chunk_tree_uuid: [u8; 16]) -> VecItems {
     VecItems(v)
 }
 
-pub fn uuid_tree(fs_uuid: [u8; 16]) -> VecItems {
-    let lo = u64::from_le_bytes(fs_uuid[0..8].try_into().unwrap_or([0; 8]));
-    let hi = u64::from_le_bytes(fs_uuid[8..16].try_into().unwrap_or([0; 8]));
-    VecItems(vec![Item {
-        key: Key::new(lo, UUID_KEY_SUBVOL, hi),
-        body: Body::Uuid(FS_TREE),
-    }])
+/// The UUID tree: each fs tree's (uuid, id), keyed by the uuid's halves.
+pub fn uuid_tree(trees: &[([u8; 16], u64)]) -> VecItems {
+    let half = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let mut v: Vec<Item<'static>> = trees
+        .iter()
+        .map(|(u, id)| Item {
+            key: Key::new(half(&u[0..8]), UUID_KEY_SUBVOL, half(&u[8..16])),
+            body: Body::Uuid(*id),
+        })
+        .collect();
+    v.sort_by_key(|i| i.key);
+    VecItems(v)
 }
 
 fn empty_dir_inode(generation: u64, time: Timespec) -> InodeItem {
@@ -125,6 +130,20 @@ pub struct RootInfo {
     pub blocks: u64,
 }
 
+/// A subvolume, for its ROOT_ITEM, ROOT_REF and ROOT_BACKREF.
+#[derive(Clone, Debug)]
+pub struct SubvolRoot {
+    pub id: u64,
+    /// The tree holding its directory entry.
+    pub parent: u64,
+    /// That directory's inode number there, and the entry's DIR_INDEX.
+    pub dirid: u64,
+    pub sequence: u64,
+    pub name: Box<[u8]>,
+    pub uuid: [u8; 16],
+    pub readonly: bool,
+}
+
 pub struct RootTreeInput<'a> {
     pub generation: u64,
     pub nodesize: u32,
@@ -133,6 +152,9 @@ pub struct RootTreeInput<'a> {
     pub roots: &'a [(TreeId, RootInfo)],
     /// UUID of the top-level fs tree.
     pub fs_uuid: [u8; 16],
+    pub subvols: &'a [SubvolRoot],
+    /// The subvolume mounted by default, if not the top level.
+    pub default_subvol: Option<u64>,
 }
 
 pub fn root_tree(r: &RootTreeInput) -> VecItems {
@@ -159,9 +181,14 @@ pub fn root_tree(r: &RootTreeInput) -> VecItems {
             ..Default::default()
         };
         match id {
-            TreeId::Fs(_) => {
+            TreeId::Fs(fs) => {
+                let sv = r.subvols.iter().find(|s| s.id == fs);
                 ri.root_dirid = FIRST_FREE_OBJECTID;
-                ri.uuid = r.fs_uuid;
+                ri.inode.flags = INODE_FLAG_ROOT_ITEM_INIT;
+                ri.uuid = sv.map_or(r.fs_uuid, |s| s.uuid);
+                if sv.is_some_and(|s| s.readonly) {
+                    ri.flags = ROOT_SUBVOL_RDONLY;
+                }
                 ri.ctransid = g;
                 ri.otransid = g;
                 ri.ctime = r.time;
@@ -193,12 +220,32 @@ pub fn root_tree(r: &RootTreeInput) -> VecItems {
         Item {
             key: Key::new(ROOT_TREE_DIR, DIR_ITEM_KEY, name_hash(b"default")),
             body: Body::Dir(vec![super::items::DirEntry {
-                location: Key::new(FS_TREE, ROOT_ITEM_KEY, u64::MAX),
+                // `btrfs subvolume set-default` points it at the subvolume's
+                // ROOT_ITEM (offset 0); mkfs writes the top level's as -1.
+                location: match r.default_subvol {
+                    Some(id) => Key::new(id, ROOT_ITEM_KEY, 0),
+                    None => Key::new(FS_TREE, ROOT_ITEM_KEY, u64::MAX),
+                },
                 ftype: FT_DIR,
                 name: b"default",
             }]),
         },
     ]);
+    for sv in r.subvols {
+        let body = Body::RootRef {
+            dirid: sv.dirid,
+            sequence: sv.sequence,
+            name: sv.name.clone(),
+        };
+        v.push(Item {
+            key: Key::new(sv.parent, ROOT_REF_KEY, sv.id),
+            body: body.clone(),
+        });
+        v.push(Item {
+            key: Key::new(sv.id, ROOT_BACKREF_KEY, sv.parent),
+            body,
+        });
+    }
     v.sort_by_key(|i| i.key);
     VecItems(v)
 }

@@ -46,6 +46,13 @@ pub fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
         None => h.update([0]),
     }
     h.update([opts.dedupe as u8]);
+    // Only images with subvolumes hash them: other UUIDs stay as they were.
+    for sv in &opts.subvolumes {
+        h.update(b"subvol");
+        field(&mut h, &sv.path);
+        field(&mut h, sv.mountpoint.as_deref().unwrap_or(b"\0none"));
+        h.update([sv.readonly as u8, sv.default as u8]);
+    }
     match opts.owner {
         Some((u, g)) => {
             h.update([1]);

@@ -7,6 +7,7 @@
 
 pub mod files;
 pub mod generated;
+pub mod layout;
 mod spec;
 mod sys;
 mod walk;
@@ -325,6 +326,30 @@ impl SourceTree {
                 Segments::Sparse(&self.segments[s as usize..(s + c) as usize])
             }
         }
+    }
+
+    /// The child of directory `dir` named `name`.
+    pub fn child(&self, dir: u32, name: &[u8]) -> Option<u32> {
+        if self.nodes[dir as usize].kind != Kind::Dir {
+            return None;
+        }
+        let kids = self.children(dir);
+        let (mut lo, mut hi) = (kids.start, kids.end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.name(mid).cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(mid),
+            }
+        }
+        None
+    }
+
+    /// Whether a node's host path is recorded rather than derived (ROOT,
+    /// store paths, the registration).
+    pub(crate) fn has_graft(&self, n: u32) -> bool {
+        matches!(&self.origin, Origin::Host(h) if h.grafts.contains_key(&n))
     }
 
     /// Children of a directory node, in name order.

@@ -34,6 +34,11 @@ impl LoopMount {
     /// `mount -o loop[,ro] -t btrfs IMG <tempdir>`; panics (with the kernel
     /// log) if the mount fails.
     pub fn new(img: &Path, rw: bool) -> LoopMount {
+        LoopMount::with_options(img, if rw { "loop" } else { "loop,ro" })
+    }
+
+    /// `mount -o OPTIONS -t btrfs IMG <tempdir>` (OPTIONS includes `loop`).
+    pub fn with_options(img: &Path, options: &str) -> LoopMount {
         let dir = tempfile::Builder::new()
             .prefix("btrfsimg-mnt-")
             .tempdir()
@@ -41,9 +46,7 @@ impl LoopMount {
         let path = fs::canonicalize(dir.path()).unwrap();
         let marker = kernel_log_marker();
         let mut cmd = Command::new(tool("mount"));
-        cmd.args(["-t", "btrfs", "-o", if rw { "loop" } else { "loop,ro" }])
-            .arg(img)
-            .arg(&path);
+        cmd.args(["-t", "btrfs", "-o", options]).arg(img).arg(&path);
         let o = run(&mut cmd);
         if !o.status.success() {
             panic!(
