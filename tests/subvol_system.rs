@@ -1,0 +1,378 @@
+//! `--subvol` through the real oracles: `btrfs check`; mounted with no
+//! options the kernel shows the default subvolume; `subvol=` and `subvolid=`
+//! mounts show each subvolume equal to its source; `btrfs subvolume list`,
+//! `get-default` and `property get ro` agree with the options; writing into
+//! the read-only one fails with EROFS; `btrfs send` of it received into a
+//! fresh filesystem compares equal; a snapshot, a full balance and a scrub
+//! on the read-write mount; FUSE bytes equal the export; reproducible. The
+//! mount-view form is mounted as a system's fileSystems would mount it (`@`
+//! at /, `@nix` at /nix, `@home` at /home) and compared with the sources.
+//! Needs root, loop devices, FUSE, btrfs-progs.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const MKFS_FORM: [&str; 8] = [
+    "--subvol",
+    "default:@",
+    "--subvol",
+    "@home",
+    "--subvol",
+    "ro:@snap",
+    "--subvol",
+    "@/var/lib/inner",
+];
+
+fn mkfs_form_tree(src: &Path) {
+    let mut t = TreeBuilder::new(src);
+    t.file(b"@/etc/hostname", b"appliance\n")
+        .random_file(b"@/usr/bin/tool", 3 * MIB + 17, 1)
+        .file(b"@/usr/share/doc", &b"documentation ".repeat(10_000))
+        .hardlink(b"@/usr/bin/tool", b"@/usr/bin/tool-alias")
+        .symlink(b"@/usr/bin/alias", b"tool")
+        .sparse_file(b"@/var/sparse", 8 * MIB, &[(MIB, b"data between holes")])
+        .file(b"@/var/lib/inner/state", b"inner state\n")
+        .random_file(b"@/var/lib/inner/blob", 200 * KIB, 2)
+        .xattr(b"@/etc/hostname", b"user.origin", b"test")
+        .file(b"@home/alice/notes", b"notes\n")
+        .random_file(b"@home/alice/photo", MIB, 3)
+        .file(b"@snap/etc/hostname", b"snapshot of the appliance\n")
+        .random_file(b"@snap/usr/bin/tool", 2 * MIB, 4)
+        .file(b"top-level-file", b"outside every subvolume\n")
+        .finalize();
+}
+
+fn btrfs_out(args: &[&str], path: &Path) -> String {
+    run_stdout(Command::new(tool("btrfs")).args(args).arg(path))
+}
+
+/// `ID 256 gen 1 top level 5 path @` lines of `btrfs subvolume list`.
+fn subvolume_list(mnt: &Path) -> Vec<String> {
+    btrfs_out(&["subvolume", "list"], mnt)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn subvolumes_as_mkfs_spells_them() {
+    let what = "subvolumes_as_mkfs_spells_them";
+    if !fuse_available(what) || !tools_available(what, &["cmp", "mkfs.btrfs"]) {
+        return;
+    }
+    let work = workdir("subvol");
+    let src = work.path().join("src");
+    mkfs_form_tree(&src);
+    let mut args = fixed_args("0b0d0a0e-5b00-4000-8000-000000000001");
+    args.extend(MKFS_FORM);
+    let img = work.path().join("sv.img");
+    export(&src, &img, &args);
+    btrfs_check(&img);
+
+    // No options: the default subvolume.
+    let m = LoopMount::new(&img, false);
+    compare_trees(&src.join("@"), m.path(), CompareOpts::default());
+    assert_eq!(
+        btrfs_out(&["subvolume", "get-default"], m.path()).trim(),
+        "ID 256 gen 1 top level 5 path @"
+    );
+    m.unmount();
+
+    // The top level: everything, with the subvolumes where they were.
+    let m = LoopMount::with_options(&img, "loop,ro,subvolid=5");
+    compare_trees(&src, m.path(), CompareOpts::default());
+    assert_eq!(
+        subvolume_list(m.path()),
+        [
+            "ID 256 gen 1 top level 5 path @",
+            "ID 257 gen 1 top level 5 path @home",
+            "ID 258 gen 1 top level 5 path @snap",
+            "ID 259 gen 1 top level 256 path @/var/lib/inner",
+        ]
+    );
+    for (sub, ro) in [
+        ("@", "false"),
+        ("@home", "false"),
+        ("@snap", "true"),
+        ("@/var/lib/inner", "false"),
+    ] {
+        assert_eq!(
+            btrfs_out(&["property", "get"], &m.path().join(sub)).trim(),
+            format!("ro={ro}"),
+            "{sub}"
+        );
+    }
+    let show = btrfs_out(&["subvolume", "show"], &m.path().join("@snap"));
+    assert!(show.contains("readonly"), "{show}");
+    m.unmount();
+
+    // Each subvolume by name and by id.
+    for (opt, dir) in [
+        ("subvol=@home", "@home"),
+        ("subvol=/@snap", "@snap"),
+        ("subvolid=259", "@/var/lib/inner"),
+        ("subvol=@/var/lib/inner", "@/var/lib/inner"),
+    ] {
+        let m = LoopMount::with_options(&img, &format!("loop,ro,{opt}"));
+        compare_trees(&src.join(dir), m.path(), CompareOpts::default());
+        m.unmount();
+    }
+
+    // The same bytes served by FUSE, and again from a second export.
+    let f = FuseMount::start(&src, &work.path().join("mnt"), &args);
+    run_ok(Command::new(tool("cmp")).arg(&img).arg(f.img()));
+    assert!(f.stop(libc::SIGTERM).success());
+    assert_reproducible(&src, &args);
+
+    read_write_cycle(&img, &src, work.path());
+}
+
+/// On a grown copy mounted read-write: the read-only subvolume refuses
+/// writes (EROFS); `btrfs send` of it is received into a fresh filesystem
+/// equal to its source; a snapshot of `@` takes writes; a full balance and a
+/// scrub are clean, and so is `btrfs check` afterwards.
+fn read_write_cycle(img: &Path, src: &Path, dir: &Path) {
+    let copy = copy_image(img, dir, "rw.img");
+    let f = fs::OpenOptions::new().write(true).open(&copy).unwrap();
+    f.set_len(f.metadata().unwrap().len() + 256 * MIB).unwrap();
+    drop(f);
+    let m = LoopMount::with_options(&copy, "loop,subvolid=5");
+    run_ok(
+        Command::new(tool("btrfs"))
+            .args(["filesystem", "resize", "max"])
+            .arg(m.path()),
+    );
+    let e = fs::write(m.path().join("@snap/new"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+
+    let recv_img = dir.join("recv.img");
+    fs::File::create(&recv_img)
+        .unwrap()
+        .set_len(512 * MIB)
+        .unwrap();
+    run_ok(Command::new(tool("mkfs.btrfs")).arg("-q").arg(&recv_img));
+    let r = LoopMount::new(&recv_img, true);
+    let send = std::process::Command::new(tool("btrfs"))
+        .args(["send", "-q"])
+        .arg(m.path().join("@snap"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("btrfs send");
+    let o = Command::new(tool("btrfs"))
+        .args(["receive", "-q"])
+        .arg(r.path())
+        .stdin(send.stdout.expect("send's stdout"))
+        .output()
+        .expect("btrfs receive");
+    assert!(o.status.success(), "receive: {}", output_text(&o));
+    compare_trees(
+        &src.join("@snap"),
+        &r.path().join("@snap"),
+        CompareOpts::default(),
+    );
+    r.unmount();
+
+    run_ok(
+        Command::new(tool("btrfs"))
+            .args(["subvolume", "snapshot"])
+            .arg(m.path().join("@"))
+            .arg(m.path().join("@snap2")),
+    );
+    fs::write(
+        m.path().join("@snap2/etc/hostname"),
+        b"changed in the snapshot\n",
+    )
+    .unwrap();
+    fs::write(m.path().join("@home/alice/more"), random_bytes(300_000, 9)).unwrap();
+    fs::remove_file(m.path().join("@/usr/bin/tool-alias")).unwrap();
+    run_ok(
+        Command::new(tool("btrfs"))
+            .args(["balance", "start", "--full-balance"])
+            .arg(m.path()),
+    );
+    btrfs_scrub(m.path());
+    let p = m.path().to_path_buf();
+    assert_eq!(fs::read(p.join("@/etc/hostname")).unwrap(), b"appliance\n");
+    assert_eq!(
+        fs::read(p.join("@snap2/etc/hostname")).unwrap(),
+        b"changed in the snapshot\n"
+    );
+    m.unmount();
+    btrfs_check(&copy);
+}
+
+/// A mount that is undone when dropped (innermost first, by the caller's
+/// order of drops).
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn new(img: &Path, at: &Path, options: &str) -> Mounted {
+        let o = run(Command::new(tool("mount"))
+            .args(["-t", "btrfs", "-o", options])
+            .arg(img)
+            .arg(at));
+        assert!(o.status.success(), "mount {options}: {}", output_text(&o));
+        Mounted(at.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(e) = unmount_retrying(&self.0) {
+            eprintln!("{e}");
+        }
+    }
+}
+
+/// The usual NixOS layout from one tree: `default:@=/`, `@nix=/nix`,
+/// `@home=/home` and a mountpoint the sources lack (`@log=/var/log`).
+/// Mounted as the system would (`@` by default at a root, `subvol=@nix` on
+/// its nix, ...), the whole equals the sources; `@` keeps empty mountpoint
+/// directories with the sources' attributes; the top level holds only the
+/// subvolumes.
+#[test]
+fn mount_view_builds_the_nixos_layout() {
+    let what = "mount_view_builds_the_nixos_layout";
+    if !system_tests_available(what) || !tools_available(what, &["cp"]) {
+        return;
+    }
+    let work = workdir("subvol-view");
+    let src = work.path().join("src");
+    let mut t = TreeBuilder::new(&src);
+    t.file(b"etc/hostname", b"nixos\n")
+        .symlink(b"etc/static", b"/nix/store/aaaa-etc/etc")
+        .random_file(b"nix/store/aaaa-etc/etc/big", 2 * MIB, 5)
+        .file(
+            b"nix/store/bbbb-hello/bin/hello",
+            b"#!/bin/sh\necho hello\n",
+        )
+        .hardlink(b"nix/store/bbbb-hello/bin/hello", b"nix/store/.links/0abc")
+        .file(b"nix/nix-path-registration", b"registration\n")
+        .file(b"nix/var/nix/profiles/system", b"profile\n")
+        .file(b"home/alice/notes", b"notes\n")
+        .dir(b"var/lib")
+        .xattr(b"nix", b"user.mountpoint", b"kept on the empty directory")
+        .finalize();
+    let mut args = fixed_args("0b0d0a0e-5b00-4000-8000-000000000002");
+    args.extend([
+        "--subvol",
+        "default:@=/",
+        "--subvol",
+        "@nix=/nix",
+        "--subvol",
+        "@home=/home",
+        "--subvol",
+        "@log=/var/log",
+    ]);
+    let img = work.path().join("nixos.img");
+    export(&src, &img, &args);
+    btrfs_check(&img);
+
+    let m = LoopMount::with_options(&img, "loop,ro,subvolid=5");
+    assert_eq!(dir_names(m.path()), [&b"@"[..], b"@home", b"@log", b"@nix"]);
+    for (empty, like) in [
+        ("@/nix", Some("nix")),
+        ("@/home", Some("home")),
+        ("@/var/log", None),
+    ] {
+        assert!(dir_names(&m.path().join(empty)).is_empty(), "{empty}");
+        if let Some(like) = like {
+            let (a, b) = (
+                fs::metadata(m.path().join(empty)).unwrap(),
+                fs::metadata(src.join(like)).unwrap(),
+            );
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((a.mode(), a.mtime()), (b.mode(), b.mtime()), "{empty}");
+        }
+    }
+    assert_eq!(
+        list_xattrs(&m.path().join("@/nix")).unwrap(),
+        list_xattrs(&src.join("nix")).unwrap()
+    );
+    assert_eq!(
+        subvolume_list(m.path()),
+        [
+            "ID 256 gen 1 top level 5 path @",
+            "ID 257 gen 1 top level 5 path @home",
+            "ID 258 gen 1 top level 5 path @log",
+            "ID 259 gen 1 top level 5 path @nix",
+        ]
+    );
+    m.unmount();
+
+    // As the booted system sees it.
+    let root = workdir("subvol-root");
+    let r = root.path().canonicalize().unwrap();
+    let top = Mounted::new(&img, &r, "loop,ro");
+    let nix = Mounted::new(&img, &r.join("nix"), "loop,ro,subvol=@nix");
+    let home = Mounted::new(&img, &r.join("home"), "loop,ro,subvol=@home");
+    let log = Mounted::new(&img, &r.join("var/log"), "loop,ro,subvol=@log");
+    let mut want = src.clone();
+    want.set_file_name("src-with-log");
+    run_ok(Command::new(tool("cp")).arg("-a").arg(&src).arg(&want));
+    fs::create_dir(want.join("var/log")).unwrap();
+    // The made-up @log root: 0755 root:root at --timestamp.
+    set_times(&want.join("var/log"), 1_700_000_000, 0).unwrap();
+    let var = fs::metadata(src.join("var")).unwrap();
+    set_times(
+        &want.join("var"),
+        std::os::unix::fs::MetadataExt::mtime(&var),
+        std::os::unix::fs::MetadataExt::mtime_nsec(&var) as u32,
+    )
+    .unwrap();
+    compare_trees(&want, &r, CompareOpts::default());
+    drop((log, home, nix, top));
+}
+
+/// A hard link whose names fall into two subvolumes: a warning naming both,
+/// two inodes that share one data extent (EXTENT_ITEM with two refs, two
+/// roots), check clean; deleting one name on a read-write mount leaves the
+/// other intact.
+#[test]
+fn hard_links_across_subvolumes_share_their_data() {
+    let what = "hard_links_across_subvolumes_share_their_data";
+    if !system_tests_available(what) {
+        return;
+    }
+    let work = workdir("subvol-links");
+    let src = work.path().join("src");
+    let mut t = TreeBuilder::new(&src);
+    t.random_file(b"a/big", 3 * MIB, 7)
+        .hardlink(b"a/big", b"b/big")
+        .finalize();
+    let img = work.path().join("links.img");
+    let mut args = fixed_args("0b0d0a0e-5b00-4000-8000-000000000003");
+    args.extend(["--subvol", "a", "--subvol", "b"]);
+    let out = export(&src, &img, &args);
+    assert!(
+        out.contains("/a/big and /b/big are hard links in two subvolumes"),
+        "{out}"
+    );
+    btrfs_check(&img);
+    let refs: Vec<DumpItem> = dump_tree(&img, "extent")
+        .into_iter()
+        .filter(|i| i.ty == "EXTENT_ITEM" && i.offset == "3145728")
+        .collect();
+    assert_eq!(refs.len(), 1, "{refs:?}");
+    let body = refs[0].body.join("\n");
+    assert!(body.contains("refs 2"), "{body}");
+    assert!(
+        body.contains("root 256") && body.contains("root 257"),
+        "{body}"
+    );
+
+    let copy = copy_image(&img, work.path(), "rw.img");
+    let m = LoopMount::new(&copy, true);
+    let want = fs::read(src.join("a/big")).unwrap();
+    assert_eq!(fs::read(m.path().join("b/big")).unwrap(), want);
+    fs::remove_file(m.path().join("a/big")).unwrap();
+    m.unmount();
+    btrfs_check(&copy);
+    let m = LoopMount::new(&copy, false);
+    assert_eq!(fs::read(m.path().join("b/big")).unwrap(), want);
+    m.unmount();
+}
