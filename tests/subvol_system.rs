@@ -156,7 +156,7 @@ fn read_write_cycle(img: &Path, src: &Path, dir: &Path) {
         .unwrap();
     run_ok(Command::new(tool("mkfs.btrfs")).arg("-q").arg(&recv_img));
     let r = LoopMount::new(&recv_img, true);
-    let send = std::process::Command::new(tool("btrfs"))
+    let mut send = std::process::Command::new(tool("btrfs"))
         .args(["send", "-q"])
         .arg(m.path().join("@snap"))
         .stdout(std::process::Stdio::piped())
@@ -165,10 +165,11 @@ fn read_write_cycle(img: &Path, src: &Path, dir: &Path) {
     let o = Command::new(tool("btrfs"))
         .args(["receive", "-q"])
         .arg(r.path())
-        .stdin(send.stdout.expect("send's stdout"))
+        .stdin(send.stdout.take().expect("send's stdout"))
         .output()
         .expect("btrfs receive");
     assert!(o.status.success(), "receive: {}", output_text(&o));
+    assert!(send.wait().expect("wait for send").success(), "btrfs send failed");
     compare_trees(
         &src.join("@snap"),
         &r.path().join("@snap"),
