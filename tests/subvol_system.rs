@@ -169,7 +169,10 @@ fn read_write_cycle(img: &Path, src: &Path, dir: &Path) {
         .output()
         .expect("btrfs receive");
     assert!(o.status.success(), "receive: {}", output_text(&o));
-    assert!(send.wait().expect("wait for send").success(), "btrfs send failed");
+    assert!(
+        send.wait().expect("wait for send").success(),
+        "btrfs send failed"
+    );
     compare_trees(
         &src.join("@snap"),
         &r.path().join("@snap"),

@@ -305,8 +305,9 @@ pub fn spec() -> impl Strategy<Value = Spec> {
         btree_map(name(), tree(), 0..12),
         vec(adversity(), 0..3),
         proptest::option::weighted(0.05, (any::<usize>(), 0usize..4)),
+        proptest::option::weighted(0.2, vec((any::<prop::sample::Index>(), 0u8..4), 1..4)),
     )
-        .prop_map(|(opts, meta, kids, adv, extref)| {
+        .prop_map(|(opts, meta, kids, adv, extref, subvols)| {
             let mut root = Entry {
                 meta,
                 content: Content::Dir(kids),
@@ -318,8 +319,59 @@ pub fn spec() -> impl Strategy<Value = Spec> {
             if let Some((dir, over)) = extref {
                 colliding_links(&mut root, dir, over, opts.nodesize);
             }
-            Spec { opts, root }
+            let mut spec = Spec { opts, root };
+            // Subvolumes on trees btrfs can hold (the model of the limits
+            // numbers inodes as one tree; splitting only removes items).
+            if let Some(picks) = subvols.filter(|_| extref.is_none()) {
+                if predicted_errors(&spec).is_empty() {
+                    spec.opts.subvolumes = subvolume_picks(&spec.root, &picks);
+                }
+            }
+            spec
         })
+}
+
+/// Subvolume specs for the directories `picks` selects (kind: 0 rw, 1 ro,
+/// 2 default, 3 default-ro; only the first default stays one).
+fn subvolume_picks(
+    root: &Entry,
+    picks: &[(prop::sample::Index, u8)],
+) -> Vec<btrfsimg::plan::subvol::SubvolSpec> {
+    let mut dirs: Vec<Vec<u8>> = Vec::new();
+    let mut q: VecDeque<(Vec<u8>, &Entry)> = VecDeque::from([(Vec::new(), root)]);
+    while let Some((p, e)) = q.pop_front() {
+        if let Content::Dir(kids) = &e.content {
+            if !p.is_empty() {
+                dirs.push(p.clone());
+            }
+            for (n, k) in kids {
+                let mut c = p.clone();
+                if !c.is_empty() {
+                    c.push(b'/');
+                }
+                c.extend_from_slice(n);
+                q.push_back((c, k));
+            }
+        }
+    }
+    if dirs.is_empty() {
+        return Vec::new();
+    }
+    let mut out: Vec<btrfsimg::plan::subvol::SubvolSpec> = Vec::new();
+    for (i, kind) in picks {
+        let path = dirs[i.index(dirs.len())].clone();
+        if out.iter().any(|s| s.path == path) {
+            continue;
+        }
+        let default = *kind >= 2 && !out.iter().any(|s| s.default);
+        out.push(btrfsimg::plan::subvol::SubvolSpec {
+            path,
+            mountpoint: None,
+            readonly: kind % 2 == 1,
+            default,
+        });
+    }
+    out
 }
 
 /// The inode number the planner gives the directory at `path`: breadth-first
