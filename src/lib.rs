@@ -76,24 +76,38 @@ pub fn plan_sources_with(
             threads: 0,
         },
     )?;
-    let tree = source::layout::apply(tree, &mount_view(opts), opts.timestamp)?;
+    let grafts = mount_view(opts, sources.mountpoint.as_deref())?;
+    let tree = source::layout::apply(tree, &grafts, opts.timestamp)?;
     plan_tree(tree, opts, pass, sink)
 }
 
-/// The mount-view subvolumes of `opts` (`--subvol PATH=MOUNTPOINT`).
-pub fn mount_view(opts: &Options) -> Vec<source::layout::Graft> {
+/// The mount-view subvolumes of `opts` (`--subvol PATH=MOUNTPOINT`), their
+/// mountpoints (system paths) made relative to the image's `mountpoint`.
+pub fn mount_view(opts: &Options, mountpoint: Option<&Path>) -> Result<Vec<source::layout::Graft>> {
     let parts = |p: &[u8]| -> Vec<Vec<u8>> {
         p.split(|&b| b == b'/')
             .filter(|c| !c.is_empty())
             .map(|c| c.to_vec())
             .collect()
     };
+    let skip = mountpoint.map_or(0, |m| parts(m.as_os_str().as_encoded_bytes()).len());
     opts.subvolumes
         .iter()
-        .filter_map(|s| {
-            s.mountpoint.as_ref().map(|m| source::layout::Graft {
+        .filter_map(|s| s.mountpoint.as_ref().map(|m| (s, parts(m))))
+        .map(|(s, m)| {
+            let inside = mountpoint.is_none_or(|mp| {
+                m.len() >= skip && m[..skip] == parts(mp.as_os_str().as_encoded_bytes())[..]
+            });
+            if !inside {
+                return Err(Error::msg(format!(
+                    "--subvol {}: the mountpoint is outside the image's mountpoint {}",
+                    s.shown(),
+                    error::shown_path(mountpoint.unwrap_or(Path::new("/")))
+                )));
+            }
+            Ok(source::layout::Graft {
                 path: parts(&s.path),
-                mountpoint: parts(m),
+                mountpoint: m[skip..].to_vec(),
                 shown: s.shown(),
             })
         })

@@ -112,6 +112,11 @@ struct ImageArgs {
     /// Overlay DIR's contents at the image root (repeatable); directories merge.
     #[arg(long, value_name = "DIR")]
     files: Vec<PathBuf>,
+    /// Where the booted system mounts the image (e.g. /nix): ROOT and --files
+    /// are the tree there; store paths, --registration-path and --subvol
+    /// mountpoints are system paths placed relative to it [default: /].
+    #[arg(long, value_name = "PATH")]
+    mountpoint: Option<PathBuf>,
     /// Filesystem label (at most 255 bytes).
     #[arg(short = 'L', long)]
     label: Option<String>,
@@ -329,6 +334,10 @@ fn sources(root: Option<PathBuf>, a: &ImageArgs) -> Result<Sources, Error> {
         root,
         closure,
         files: a.files.clone(),
+        mountpoint: match &a.mountpoint {
+            Some(m) => btrfsimg::source::check_mountpoint(m)?,
+            None => None,
+        },
     })
 }
 

@@ -135,6 +135,12 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
     fs::write(&outside_paths, format!("{}\n", elsewhere.display())).unwrap();
     let chroot = w.join("chroot");
     fs::create_dir(&chroot).unwrap();
+    let chroot_ok = w.join("chroot-ok");
+    fs::create_dir_all(chroot_ok.join("nix/store/abc-ok")).unwrap();
+    let ok_paths = w.join("ok.paths");
+    fs::write(&ok_paths, b"/nix/store/abc-ok\n").unwrap();
+    let reg_file = w.join("registration");
+    fs::write(&reg_file, b"/nix/store/abc-ok\n").unwrap();
     // Overlay conflicting with src/a.
     let ov = w.join("ov");
     fs::create_dir(&ov).unwrap();
@@ -402,6 +408,57 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
                 &D(&chroot_missing),
                 &"does not exist",
             ],
+        ),
+        case(
+            "--mountpoint not absolute",
+            &[&e, &src, &o, &out, &"--mountpoint", &"nix"],
+            &[&"nix", &"--mountpoint must be an absolute path"],
+        ),
+        case(
+            "store path outside --mountpoint",
+            &[
+                &e,
+                &o,
+                &out,
+                &"--store-paths",
+                &ok_paths,
+                &"--store-root",
+                &chroot_ok,
+                &"--mountpoint",
+                &"/opt",
+            ],
+            &[&"/nix/store/abc-ok", &"outside the image's mountpoint /opt"],
+        ),
+        case(
+            "--registration-path outside --mountpoint",
+            &[
+                &e,
+                &src,
+                &o,
+                &out,
+                &"--registration",
+                &reg_file,
+                &"--mountpoint",
+                &"/nix",
+            ],
+            &[
+                &"/nix-path-registration",
+                &"outside the image's mountpoint /nix",
+            ],
+        ),
+        case(
+            "--subvol mountpoint outside --mountpoint",
+            &[
+                &e,
+                &src,
+                &o,
+                &out,
+                &"--mountpoint",
+                &"/nix",
+                &"--subvol",
+                &"@=/",
+            ],
+            &[&"--subvol @=/", &"outside the image's mountpoint /nix"],
         ),
         case(
             "store path outside the store directory",

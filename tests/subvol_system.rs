@@ -380,3 +380,104 @@ fn hard_links_across_subvolumes_share_their_data() {
     assert_eq!(fs::read(m.path().join("b/big")).unwrap(), want);
     m.unmount();
 }
+
+/// An image whose top level is `/nix` (an ephemeral-root NixOS): store
+/// paths and the registration path are system paths placed relative to
+/// `--mountpoint /nix`; ROOT and `--files` are the tree at `/nix`. With
+/// subvolumes, their mountpoints are system paths too.
+#[test]
+fn image_mounted_at_nix() {
+    let what = "image_mounted_at_nix";
+    if !system_tests_available(what) {
+        return;
+    }
+    let work = workdir("subvol-nix");
+    let w = work.path();
+    let chroot = w.join("chroot");
+    let mut t = TreeBuilder::new(&chroot);
+    t.file(
+        b"nix/store/aaaa-hello/bin/hello",
+        b"#!/bin/sh\necho hello\n",
+    )
+    .random_file(b"nix/store/bbbb-lib/lib/libx.so", 300 * KIB, 6)
+    .finalize();
+    fs::write(
+        w.join("paths"),
+        b"/nix/store/aaaa-hello\n/nix/store/bbbb-lib\n",
+    )
+    .unwrap();
+    fs::write(w.join("registration"), b"/nix/store/aaaa-hello\n").unwrap();
+    let files = w.join("files");
+    let mut t = TreeBuilder::new(&files);
+    t.file(b"var/nix/profiles/system", b"profile\n").finalize();
+    let common = |extra: &[&str]| -> PathBuf {
+        let img = w.join(format!("nix{}.img", extra.len()));
+        let mut args: Vec<String> = fixed_args("0b0d0a0e-5b00-4000-8000-000000000004")
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (k, v) in [
+            ("--store-root", chroot.display().to_string()),
+            ("--store-paths", w.join("paths").display().to_string()),
+            (
+                "--registration",
+                w.join("registration").display().to_string(),
+            ),
+            ("--registration-path", "/nix/nix-path-registration".into()),
+            ("--mountpoint", "/nix".into()),
+            ("--files", files.display().to_string()),
+        ] {
+            args.push(k.into());
+            args.push(v);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        export_sources(None, &img, &args);
+        btrfs_check(&img);
+        img
+    };
+    let img = common(&[]);
+    let m = LoopMount::new(&img, false);
+    assert_eq!(
+        dir_names(m.path()),
+        [&b"nix-path-registration"[..], b"store", b"var"]
+    );
+    compare_trees(
+        &chroot.join("nix/store"),
+        &m.path().join("store"),
+        CompareOpts {
+            root_mtime: false,
+            ..CompareOpts::default()
+        },
+    );
+    assert_eq!(
+        fs::read(m.path().join("var/nix/profiles/system")).unwrap(),
+        b"profile\n"
+    );
+    m.unmount();
+
+    // The store in its own subvolume, the rest in the default one.
+    let img = common(&[
+        "--subvol",
+        "default:@=/nix",
+        "--subvol",
+        "@store=/nix/store",
+    ]);
+    let m = LoopMount::new(&img, false);
+    assert_eq!(
+        dir_names(m.path()),
+        [&b"nix-path-registration"[..], b"store", b"var"]
+    );
+    assert!(dir_names(&m.path().join("store")).is_empty());
+    m.unmount();
+    let m = LoopMount::with_options(&img, "loop,ro,subvol=@store");
+    compare_trees(
+        &chroot.join("nix/store"),
+        m.path(),
+        CompareOpts {
+            root_mtime: false,
+            ..CompareOpts::default()
+        },
+    );
+    m.unmount();
+}

@@ -19,7 +19,10 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-pub use spec::{Closure, Sources, VEntry, VirtualDir, DEFAULT_REGISTRATION_PATH, STORE_DIR};
+pub use spec::{
+    check_mountpoint, in_image, Closure, Sources, VEntry, VirtualDir, DEFAULT_REGISTRATION_PATH,
+    STORE_DIR,
+};
 pub use walk::{walk, walk_dir, WalkOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

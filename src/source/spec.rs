@@ -33,6 +33,47 @@ pub struct Sources {
     pub closure: Option<Closure>,
     /// Overlaid at the image root, in order.
     pub files: Vec<PathBuf>,
+    /// Where the booted system mounts the image (`None`: `/`). ROOT and
+    /// `files` are the tree at this path; store paths and the registration
+    /// path are system paths, placed relative to it.
+    pub mountpoint: Option<PathBuf>,
+}
+
+/// `path` (an absolute system path) relative to the image's `mountpoint`,
+/// still absolute in the image; None when it lies outside.
+pub fn in_image(path: &Path, mountpoint: Option<&Path>) -> Option<PathBuf> {
+    match mountpoint {
+        None => Some(path.to_path_buf()),
+        Some(m) => path
+            .strip_prefix(m)
+            .ok()
+            .filter(|rest| !rest.as_os_str().is_empty())
+            .map(|rest| Path::new("/").join(rest)),
+    }
+}
+
+/// Checks a `--mountpoint`: absolute, no `.` or `..`, not `/` itself
+/// (which is no mountpoint at all: `None`).
+pub fn check_mountpoint(m: &Path) -> Result<Option<PathBuf>> {
+    let bytes = m.as_os_str().as_bytes();
+    let comps: Vec<&[u8]> = bytes
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty())
+        .collect();
+    if !bytes.starts_with(b"/") || comps.iter().any(|c| *c == b"." || *c == b"..") {
+        return Err(Error::at(
+            m,
+            "--mountpoint must be an absolute path without '.' or '..'",
+        ));
+    }
+    if comps.is_empty() {
+        return Ok(None);
+    }
+    let mut p = PathBuf::from("/");
+    for c in comps {
+        p.push(OsStr::from_bytes(c));
+    }
+    Ok(Some(p))
 }
 
 impl Closure {
@@ -149,6 +190,19 @@ impl VirtualDir {
 }
 
 impl Sources {
+    /// Where system path `p` goes in the image, or why it cannot.
+    fn placed(&self, p: &Path, what: &str) -> Result<PathBuf> {
+        in_image(p, self.mountpoint.as_deref()).ok_or_else(|| {
+            Error::at(
+                p,
+                format!(
+                    "{what} is outside the image's mountpoint {}",
+                    crate::error::shown_path(self.mountpoint.as_deref().unwrap_or(Path::new("/")))
+                ),
+            )
+        })
+    }
+
     /// The virtual tree of everything that is not a plain overlay directory.
     pub fn virtual_root(&self) -> Result<VirtualDir> {
         let mut root = VirtualDir::default();
@@ -179,10 +233,12 @@ impl Sources {
                     ),
                 ));
             }
-            root.graft(p, host)?;
+            let at = self.placed(p, "store path")?;
+            root.graft(&at, host)?;
         }
         if let Some(reg) = &c.registration {
-            root.graft(&c.registration_path, reg.clone())?;
+            let at = self.placed(&c.registration_path, "--registration-path")?;
+            root.graft(&at, reg.clone())?;
         }
         Ok(root)
     }
