@@ -59,6 +59,8 @@ pub struct Options {
     /// Files with equal content share one set of extents (needs the content
     /// pass's result).
     pub dedupe: bool,
+    /// The checksum algorithm of the superblock, tree blocks and data.
+    pub csum: CsumType,
 }
 
 impl Default for Options {
@@ -76,6 +78,7 @@ impl Default for Options {
             rw_slack: true,
             compression: None,
             dedupe: false,
+            csum: CsumType::Crc32c,
         }
     }
 }
@@ -114,6 +117,8 @@ pub struct BlockRef {
 
 pub struct Plan {
     pub nodesize: u32,
+    /// How the superblock, tree blocks and data sectors are checksummed.
+    pub csum_type: CsumType,
     pub generation: u64,
     pub fsid: [u8; 16],
     pub chunk_tree_uuid: [u8; 16],
@@ -152,6 +157,12 @@ impl Plan {
             "image size: {} bytes ({:.2} MiB)",
             self.total_bytes,
             mib(self.total_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "checksum: {} ({} bytes per data sector)",
+            self.csum_type.name(),
+            self.csum_type.size()
         );
         let _ = writeln!(s, "entries: {}", self.source.len());
         let data: u64 = self.extents.iter().map(|e| e.size()).sum();
@@ -359,7 +370,7 @@ pub fn build_with(
     // Trees whose shape does not depend on addresses. The fs tree is where
     // input meets leaves: its oversized items are the input's errors.
     let fs_shape = pack_input(&fs, nodesize, |o| fs.oversized(o, nodesize))?;
-    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize);
+    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize, opts.csum);
     let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize)?;
     let uuid_items = trees::uuid_tree(ids.fs_tree);
     let reloc_items = trees::reloc_tree(g, time);
@@ -610,6 +621,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
                 Some(c) if c.uses(Algorithm::Lzo) => INCOMPAT_COMPRESS_LZO,
                 _ => 0,
             },
+        csum_type: a.opts.csum,
         dev_item,
         label: a.opts.label.clone(),
         sys_chunks: chunks
@@ -621,6 +633,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
     let regions = space::regions(&chunks, a.total_bytes);
     Ok(Plan {
         nodesize,
+        csum_type: a.opts.csum,
         generation: GENERATION,
         fsid: a.ids.fsid,
         chunk_tree_uuid: a.ids.chunk_tree,
