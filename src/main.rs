@@ -162,6 +162,22 @@ struct ImageArgs {
     /// Metadata profile.
     #[arg(long, value_enum, default_value = "dup")]
     metadata: Profile,
+    /// Checksum algorithm of the superblock, tree blocks and data: crc32c
+    /// (every kernel), xxhash, sha256 or blake2 (Linux 5.5 and later).
+    #[arg(long, value_name = "ALGO", default_value = "crc32c")]
+    csum: String,
+}
+
+/// The checksum algorithm named by `--csum`, spelled as mkfs.btrfs spells it.
+fn parse_csum(s: &str) -> Result<btrfsimg::format::CsumType, Error> {
+    use btrfsimg::format::CsumType;
+    CsumType::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = CsumType::ALL.iter().map(|c| c.name()).collect();
+        Error::msg(format!(
+            "invalid --csum '{s}': expected one of {}",
+            names.join(", ")
+        ))
+    })
 }
 
 /// Parses sizes like `4096`, `64K`, `300M`, `2G`, `1T` (binary units; `KiB` etc. too).
@@ -274,6 +290,7 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
             btrfsimg::plan::subvol::validate_specs(&specs)?;
             specs
         },
+        csum: parse_csum(&a.csum)?,
         ..Options::default()
     })
 }
@@ -413,9 +430,15 @@ fn run(cli: Cli) -> Result<(), Error> {
             // A compressed image written to a file gets its data region from
             // the content pass directly: nothing is compressed twice.
             let mut spill = match &output {
-                Some(path) if spill_wanted(&output, to_stdout, zstd, &opts) => Some(
-                    export::Spill::new(path, force, Some(reading.clone()), Some(cancel.clone()))?,
-                ),
+                Some(path) if spill_wanted(&output, to_stdout, zstd, &opts) => {
+                    Some(export::Spill::new(
+                        path,
+                        force,
+                        opts.csum,
+                        Some(reading.clone()),
+                        Some(cancel.clone()),
+                    )?)
+                }
                 _ => None,
             };
             let plan = plan_with_progress(

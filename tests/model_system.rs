@@ -41,8 +41,11 @@ fn fuzz_sample_is_checked_and_mounted() {
             0x40, i as u8, 0x11, 0x22, 0x33, 0x44, 0x45, 0x66, 0x87, 0, 0, 0, 0, 0, 0, i as u8,
         ]);
         let what = format!(
-            "case {i} (nodesize {}, dup {}, rw slack {})",
-            spec.opts.nodesize, spec.opts.metadata_dup, spec.opts.rw_slack
+            "case {i} (nodesize {}, dup {}, rw slack {}, csum {})",
+            spec.opts.nodesize,
+            spec.opts.metadata_dup,
+            spec.opts.rw_slack,
+            spec.opts.csum.name()
         );
         let img_path = work.path().join(format!("case{i}.img"));
         let plan = plan_generated(&spec.root, &spec.opts).unwrap_or_else(|e| panic!("{what}: {e}"));

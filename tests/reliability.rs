@@ -274,6 +274,18 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
             &[&"--compress", &"no levels"],
         ),
         case(
+            "unknown --csum algorithm",
+            &[&e, &src, &o, &out, &"--csum", &"md5"],
+            &[
+                &"--csum", &"'md5'", &"crc32c", &"xxhash", &"sha256", &"blake2",
+            ],
+        ),
+        case(
+            "unknown --csum algorithm for mount",
+            &[&"mount", &src, &mnt_empty, &"--csum", &"crc32"],
+            &[&"--csum", &"'crc32'", &"crc32c, xxhash, sha256, blake2"],
+        ),
+        case(
             "--size beyond 8 EiB",
             &[&e, &src, &o, &out, &"--size", &"9223372036854775808"],
             &[&"--size", &"too large", &"8 EiB"],

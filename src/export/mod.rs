@@ -8,7 +8,7 @@ mod frames;
 
 use crate::content::{Piece, PieceSink};
 use crate::error::{Error, Result};
-use crate::format::SECTOR_SIZE;
+use crate::format::{CsumType, SECTOR_SIZE};
 use crate::image::Image;
 use crate::plan::data::{DataAllocator, DataExtent};
 use crate::plan::space;
@@ -349,8 +349,11 @@ pub struct Spill {
     overwrite: bool,
     out: Option<(TempOutput, File)>,
     alloc: DataAllocator,
-    /// Checksums of data sectors from DATA_START, as written.
-    csums: Vec<u32>,
+    /// How data sectors are checksummed.
+    csum: CsumType,
+    /// Checksums of data sectors from DATA_START, as written (`csum.size()`
+    /// bytes each).
+    csums: Vec<u8>,
     /// The placed extents, to compare with the plan's.
     placed: Vec<DataExtent>,
     /// The file being written: its node, where its data started, and how
@@ -363,9 +366,11 @@ pub struct Spill {
 }
 
 impl Spill {
+    /// `csum` must be the plan's checksum type (`Options::csum`).
     pub fn new(
         path: &Path,
         overwrite: bool,
+        csum: CsumType,
         reading: Option<Arc<AtomicBool>>,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<Spill> {
@@ -379,6 +384,7 @@ impl Spill {
                 space::DATA_CHUNK_MAX,
                 space::data_exclusions(space::DATA_START),
             ),
+            csum,
             csums: Vec::new(),
             placed: Vec::new(),
             current: None,
@@ -460,13 +466,17 @@ impl PieceSink for Spill {
             self.file()?
                 .write_all_at(&disk, e.logical)
                 .map_err(|err| Error::io(&path, err))?;
-            let first = ((e.logical - space::DATA_START) / SECTOR_SIZE) as usize;
-            let sectors = disk.len() / SECTOR_SIZE as usize;
-            if self.csums.len() < first + sectors {
-                self.csums.resize(first + sectors, 0);
+            let size = self.csum.size();
+            let first = ((e.logical - space::DATA_START) / SECTOR_SIZE) as usize * size;
+            let end = first + disk.len() / SECTOR_SIZE as usize * size;
+            if self.csums.len() < end {
+                self.csums.resize(end, 0);
             }
-            for (k, s) in disk.chunks(SECTOR_SIZE as usize).enumerate() {
-                self.csums[first + k] = crate::format::hash::crc32c(s);
+            for (s, c) in disk
+                .chunks(SECTOR_SIZE as usize)
+                .zip(self.csums[first..end].chunks_exact_mut(size))
+            {
+                c.copy_from_slice(&self.csum.compute(s)[..size]);
             }
         }
         Ok(())
@@ -477,6 +487,11 @@ impl Spill {
     /// Writes the rest of `image` (whose plan must have put every extent
     /// where the pieces went) and renames the file into place.
     pub fn finish(mut self, image: &Image, opts: &ExportOptions) -> Result<()> {
+        if image.plan().csum_type != self.csum {
+            return Err(Error::msg(
+                "internal error: the plan checksums data otherwise than the content pass did",
+            ));
+        }
         if image.plan().extents[..] != self.placed[..] {
             return Err(Error::msg(
                 "internal error: the plan placed file data elsewhere than the content pass wrote it",

@@ -28,11 +28,10 @@ impl Header {
     }
 }
 
-/// Writes the crc32c of bytes [0x20, len) into the first four bytes.
-pub fn seal(block: &mut [u8]) {
-    let c = super::hash::crc32c(&block[0x20..]);
-    block[..0x20].fill(0);
-    put_u32(block, 0, c);
+/// Writes the checksum of bytes [0x20, len) into the checksum field.
+pub fn seal(block: &mut [u8], csum: CsumType) {
+    let c = csum.compute(&block[CSUM_FIELD_SIZE..]);
+    block[..CSUM_FIELD_SIZE].copy_from_slice(&c);
 }
 
 /// Fills a leaf from the front (item headers) and the back (item data).

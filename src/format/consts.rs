@@ -129,7 +129,6 @@ pub const EXTENT_ITEM_HEADER: usize = 24;
 pub const INLINE_DATA_REF_SIZE: usize = 29;
 /// Keyed EXTENT_DATA_REF record: root, objectid, offset, count.
 pub const KEYED_DATA_REF_SIZE: usize = 28;
-pub const CSUM_SIZE: usize = 4;
 
 /// Largest item that fits in one leaf.
 pub const fn max_item_size(nodesize: u32) -> usize {
@@ -146,7 +145,9 @@ pub const fn node_ptrs_per_block(nodesize: u32) -> usize {
     (nodesize as usize - HEADER_SIZE) / KEY_PTR_SIZE
 }
 
-/// The largest number of checksums the kernel puts in one csum item.
-pub const fn max_csums_per_item(nodesize: u32) -> usize {
-    (nodesize as usize - HEADER_SIZE - 2 * ITEM_HEADER_SIZE) / CSUM_SIZE - 1
+/// The largest number of checksums the kernel puts in one csum item
+/// (MAX_CSUM_ITEMS): 4,057 crc32c, 2,028 xxhash, 506 sha256 or blake2 at
+/// 16 KiB nodes.
+pub const fn max_csums_per_item(nodesize: u32, csum: super::CsumType) -> usize {
+    (nodesize as usize - HEADER_SIZE - 2 * ITEM_HEADER_SIZE) / csum.size() - 1
 }

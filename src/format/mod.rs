@@ -4,11 +4,13 @@
 
 pub mod block;
 pub mod consts;
+pub mod csum;
 pub mod hash;
 pub mod items;
 pub mod superblock;
 
 pub use consts::*;
+pub use csum::{Csum, CsumType, CSUM_FIELD_SIZE};
 
 /// A btrfs disk key. Field order matters: the derived `Ord` compares
 /// (objectid, type, offset) numerically, which is exactly btrfs key order.

@@ -26,6 +26,7 @@ pub struct Superblock {
     pub nodesize: u32,
     pub compat_ro_flags: u64,
     pub incompat_flags: u64,
+    pub csum_type: CsumType,
     pub dev_item: DevItem,
     pub label: Vec<u8>,
     /// SYSTEM chunks as (logical start, chunk) for sys_chunk_array.
@@ -54,7 +55,7 @@ impl Superblock {
         put_u64(&mut b, 0xa4, self.generation);
         put_u64(&mut b, 0xb4, self.compat_ro_flags);
         put_u64(&mut b, 0xbc, self.incompat_flags);
-        put_u16(&mut b, 0xc4, 0);
+        put_u16(&mut b, 0xc4, self.csum_type.code());
         b[0xc6] = self.root.level;
         b[0xc7] = self.chunk_root.level;
         self.dev_item.write(&mut b[0xc9..]);
@@ -93,8 +94,8 @@ impl Superblock {
         put_u64(&mut b, r + 104, self.bytes_used);
         put_u64(&mut b, r + 112, 1);
 
-        let c = super::hash::crc32c(&b[0x20..]);
-        put_u32(&mut b, 0, c);
+        let c = self.csum_type.compute(&b[CSUM_FIELD_SIZE..]);
+        b[..CSUM_FIELD_SIZE].copy_from_slice(&c);
         b
     }
 }

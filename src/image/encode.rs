@@ -21,7 +21,8 @@ pub trait BlockInputs {
     fn inline_bytes(&self, node: u32, out: &mut [u8]) -> io::Result<()>;
     /// The compressed payload of inline file `node` (exactly `out.len()` bytes).
     fn inline_payload(&self, node: u32, out: &mut [u8]) -> io::Result<()>;
-    /// The checksums of `count` data sectors from logical `start`, 4 bytes each.
+    /// The checksums of `count` data sectors from logical `start`, each of
+    /// the plan's checksum size.
     fn csums(&self, start: u64, count: u64, out: &mut [u8]) -> io::Result<()>;
 }
 
@@ -61,7 +62,7 @@ pub fn encode_block(plan: &Plan, b: BlockRef, inputs: &dyn BlockInputs) -> io::R
         level: b.level,
     }
     .write(&mut buf);
-    seal(&mut buf);
+    seal(&mut buf, plan.csum_type);
     Ok(buf)
 }
 
@@ -116,7 +117,7 @@ pub fn encode_body(
             inputs.inline_payload(*node, &mut out[FILE_EXTENT_INLINE_HEADER..])?;
         }
         Body::Extent(e) => e.write(out),
-        Body::Csum { start, count } => inputs.csums(*start, *count as u64, out)?,
+        Body::Csum { start, count, .. } => inputs.csums(*start, *count as u64, out)?,
         Body::Root(r) => r.write(out),
         Body::Chunk(c) => c.write(out),
         Body::Dev(d) => d.write(out),
@@ -169,8 +170,9 @@ mod tests {
             Ok(())
         }
         fn csums(&self, _start: u64, count: u64, out: &mut [u8]) -> io::Result<()> {
+            let size = out.len() / count as usize;
             for i in 0..count as usize {
-                put_u32(out, i * 4, i as u32);
+                out[i * size..(i + 1) * size].fill(i as u8);
             }
             Ok(())
         }
@@ -180,7 +182,16 @@ mod tests {
     fn bodies_fill_exactly_their_size() {
         let bodies = [
             Body::InlineFile { node: 3, len: 100 },
-            Body::Csum { start: 0, count: 5 },
+            Body::Csum {
+                start: 0,
+                count: 5,
+                csum: CsumType::Crc32c,
+            },
+            Body::Csum {
+                start: 0,
+                count: 3,
+                csum: CsumType::Sha256,
+            },
             Body::Dir(vec![DirEntry {
                 location: Key::new(257, INODE_ITEM_KEY, 0),
                 ftype: FT_REG_FILE,
@@ -210,7 +221,10 @@ mod tests {
         assert_eq!(get_u64(&out, 8), 100, "ram_bytes");
         let mut c = vec![0u8; 20];
         encode_body(&bodies[1], 1, &Fake, &mut c).unwrap();
-        assert_eq!(c[16..20], 4u32.to_le_bytes());
+        assert_eq!(c[16..20], [4; 4]);
+        let mut c = vec![0u8; 96];
+        encode_body(&bodies[2], 1, &Fake, &mut c).unwrap();
+        assert_eq!(c[64..96], [2; 32]);
     }
 
     fn get_u64(b: &[u8], o: usize) -> u64 {

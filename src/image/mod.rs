@@ -76,7 +76,7 @@ impl Image {
             payloads: Mutex::new(LruCache::new(
                 NonZeroUsize::new(PAYLOAD_CACHE).unwrap_or(NonZeroUsize::MIN),
             )),
-            csums: CsumTable::new(plan.data_sectors),
+            csums: CsumTable::new(plan.data_sectors, plan.csum_type),
             source_bytes: AtomicU64::new(0),
             plan,
         }
@@ -161,10 +161,14 @@ impl Image {
     }
 
     /// Checksums of the data sectors from the start of the data area, as a
-    /// frontend that wrote them computed them: csum leaves then need no data.
-    pub fn preload_csums(&self, csums: &[u32]) {
-        for (i, &c) in csums.iter().enumerate() {
-            self.csums.set(i as u64, c);
+    /// frontend that wrote them computed them (`csum_type().size()` bytes
+    /// each): csum leaves then need no data.
+    pub fn preload_csums(&self, csums: &[u8]) {
+        let size = self.plan.csum_type.size();
+        for (i, c) in csums.chunks_exact(size).enumerate() {
+            let mut full = [0u8; CSUM_FIELD_SIZE];
+            full[..size].copy_from_slice(c);
+            self.csums.set(i as u64, &full);
         }
     }
 
@@ -282,10 +286,9 @@ impl Image {
         let end = (logical + data.len() as u64).min(data_end);
         while a + s <= end {
             let i = self.sector_index(a);
-            if self.csums.get(i).is_none() {
+            if !self.csums.is_known(i) {
                 let off = (a - logical) as usize;
-                self.csums
-                    .set(i, hash::crc32c(&data[off..off + s as usize]));
+                self.csums.record(i, &data[off..off + s as usize]);
             }
             a += s;
         }
@@ -380,31 +383,33 @@ impl BlockInputs for Image {
         self.read_file(node, 0, out)
     }
 
-    /// Writes the checksums of `count` sectors from `start`, reading any sector
-    /// whose checksum has not been recorded yet.
+    /// Writes the checksums of `count` sectors from `start` (`csum_size`
+    /// bytes each), reading any sector whose checksum has not been recorded
+    /// yet.
     fn csums(&self, start: u64, count: u64, out: &mut [u8]) -> io::Result<()> {
         let first = self.sector_index(start);
         let mut i = 0u64;
         let mut scratch = Vec::new();
         while i < count {
-            if self.csums.get(first + i).is_some() {
+            if self.csums.is_known(first + i) {
                 i += 1;
                 continue;
             }
             let mut j = i;
-            while j < count && self.csums.get(first + j).is_none() && j - i < 256 {
+            while j < count && !self.csums.is_known(first + j) && j - i < 256 {
                 j += 1;
             }
             scratch.resize(((j - i) * SECTOR_SIZE) as usize, 0);
             self.read_data(start + i * SECTOR_SIZE, &mut scratch)?;
             i = j;
         }
-        for k in 0..count {
+        let size = self.plan.csum_type.size();
+        for (k, o) in out.chunks_exact_mut(size).take(count as usize).enumerate() {
             let c = self
                 .csums
-                .get(first + k)
+                .get(first + k as u64)
                 .expect("every sector was just read and checksummed");
-            put_u32(out, (k as usize) * CSUM_SIZE, c);
+            o.copy_from_slice(&c[..size]);
         }
         Ok(())
     }

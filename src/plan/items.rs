@@ -44,6 +44,7 @@ pub enum Body<'a> {
     Csum {
         start: u64,
         count: u32,
+        csum: CsumType,
     },
     Root(RootItem),
     Chunk(ChunkItem),
@@ -98,7 +99,7 @@ impl Body<'_> {
             Body::InlineBytes(b) => FILE_EXTENT_INLINE_HEADER + b.len(),
             Body::InlineCompressed { len, .. } => FILE_EXTENT_INLINE_HEADER + *len as usize,
             Body::Extent(_) => FILE_EXTENT_REG_SIZE,
-            Body::Csum { count, .. } => *count as usize * CSUM_SIZE,
+            Body::Csum { count, csum, .. } => *count as usize * csum.size(),
             Body::Root(_) => ROOT_ITEM_SIZE,
             Body::Chunk(c) => c.size(),
             Body::Dev(_) => DEV_ITEM_SIZE,

@@ -63,6 +63,8 @@ pub struct Options {
     /// Directories of the top-level view that become subvolumes (the
     /// mount-view form is applied to the sources before planning).
     pub subvolumes: Vec<subvol::SubvolSpec>,
+    /// The checksum algorithm of the superblock, tree blocks and data.
+    pub csum: CsumType,
 }
 
 impl Default for Options {
@@ -81,6 +83,7 @@ impl Default for Options {
             compression: None,
             dedupe: false,
             subvolumes: Vec::new(),
+            csum: CsumType::Crc32c,
         }
     }
 }
@@ -119,6 +122,8 @@ pub struct BlockRef {
 
 pub struct Plan {
     pub nodesize: u32,
+    /// How the superblock, tree blocks and data sectors are checksummed.
+    pub csum_type: CsumType,
     pub generation: u64,
     pub fsid: [u8; 16],
     pub chunk_tree_uuid: [u8; 16],
@@ -157,6 +162,12 @@ impl Plan {
             "image size: {} bytes ({:.2} MiB)",
             self.total_bytes,
             mib(self.total_bytes)
+        );
+        let _ = writeln!(
+            s,
+            "checksum: {} ({} bytes per data sector)",
+            self.csum_type.name(),
+            self.csum_type.size()
         );
         let _ = writeln!(s, "entries: {}", self.source.len());
         let data: u64 = self.extents.iter().map(|e| e.size()).sum();
@@ -454,7 +465,7 @@ pub fn build_with(
             pack_input(t, nodesize, |o| t.oversized(o, nodesize))?,
         ));
     }
-    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize);
+    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize, opts.csum);
     let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize)?;
     let uuid_items = trees::uuid_tree(
         &part
@@ -728,6 +739,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
                 Some(c) if c.uses(Algorithm::Lzo) => INCOMPAT_COMPRESS_LZO,
                 _ => 0,
             },
+        csum_type: a.opts.csum,
         dev_item,
         label: a.opts.label.clone(),
         sys_chunks: chunks
@@ -739,6 +751,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
     let regions = space::regions(&chunks, a.total_bytes);
     Ok(Plan {
         nodesize,
+        csum_type: a.opts.csum,
         generation: GENERATION,
         fsid: a.ids.fsid,
         chunk_tree_uuid: a.ids.chunk_tree,

@@ -120,6 +120,7 @@ mod tests {
                     body: Body::Csum {
                         start: 0,
                         count: (s / 4) as u32,
+                        csum: crate::format::CsumType::Crc32c,
                     },
                 })
                 .collect(),

@@ -258,11 +258,19 @@ pub struct CsumItems {
     runs: Vec<(u64, u64, u64)>,
     per_item: u64,
     items: u64,
+    csum: CsumType,
 }
 
-/// Builds the csum items of `extents` (sorted by address) in `chunks`.
-pub fn csum_tree(extents: &[DataExtent], chunks: &[Chunk], nodesize: u32) -> CsumItems {
-    let per_item = max_csums_per_item(nodesize) as u64 * SECTOR_SIZE;
+/// Builds the csum items of `extents` (sorted by address) in `chunks`: as
+/// many checksums per item as the kernel puts there for this node size and
+/// checksum size.
+pub fn csum_tree(
+    extents: &[DataExtent],
+    chunks: &[Chunk],
+    nodesize: u32,
+    csum: CsumType,
+) -> CsumItems {
+    let per_item = max_csums_per_item(nodesize, csum) as u64 * SECTOR_SIZE;
     let mut sorted: Vec<&Chunk> = chunks.iter().collect();
     sorted.sort_by_key(|c| c.logical);
     let mut c = 0;
@@ -293,6 +301,7 @@ pub fn csum_tree(extents: &[DataExtent], chunks: &[Chunk], nodesize: u32) -> Csu
         runs,
         per_item,
         items,
+        csum,
     }
 }
 
@@ -306,6 +315,7 @@ impl CsumItems {
             body: Body::Csum {
                 start,
                 count: (n / SECTOR_SIZE) as u32,
+                csum: self.csum,
             },
         }
     }
@@ -559,4 +569,53 @@ pub fn free_space_tree(
         }));
     }
     VecItems(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csum_items_hold_as_many_checksums_as_the_kernel_puts_in_one() {
+        assert_eq!(
+            CsumType::ALL.map(|c| max_csums_per_item(16384, c)),
+            [4057, 2028, 506, 506]
+        );
+        assert_eq!(
+            CsumType::ALL.map(|c| max_csums_per_item(4096, c)),
+            [985, 492, 122, 122]
+        );
+        let chunk = Chunk {
+            logical: 1 << 20,
+            length: 1 << 30,
+            ty: BLOCK_GROUP_DATA,
+            stripes: vec![1 << 20],
+            used: 0,
+        };
+        // One run of 10,000 sectors in two adjacent extents.
+        let s = SECTOR_SIZE;
+        let extents = [
+            DataExtent::new(1 << 20, 6000 * s, 1, 0),
+            DataExtent::new((1 << 20) + 6000 * s, 4000 * s, 2, 0),
+        ];
+        for csum in CsumType::ALL {
+            let per = max_csums_per_item(16384, csum) as u64;
+            let items = csum_tree(&extents, std::slice::from_ref(&chunk), 16384, csum);
+            assert_eq!(items.count(), 10_000u64.div_ceil(per), "{csum:?}");
+            let mut next = 1u64 << 20;
+            let mut total = 0;
+            for item in items.iter_from(0) {
+                let Body::Csum { start, count, .. } = item.body else {
+                    panic!("{csum:?}: not a csum item")
+                };
+                assert_eq!((item.key.offset, start), (next, next), "{csum:?}");
+                assert!(count as u64 <= per, "{csum:?}");
+                assert_eq!(item.body.size(), count as usize * csum.size());
+                assert!(item.body.size() <= max_item_size(16384));
+                next += count as u64 * s;
+                total += count as u64;
+            }
+            assert_eq!(total, 10_000, "{csum:?}");
+        }
+    }
 }

@@ -53,6 +53,11 @@ pub fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
         field(&mut h, sv.mountpoint.as_deref().unwrap_or(b"\0none"));
         h.update([sv.readonly as u8, sv.default as u8]);
     }
+    // Hashed only when not the default, so crc32c images keep their UUIDs.
+    if opts.csum != crate::format::CsumType::Crc32c {
+        h.update(b"csum");
+        h.update(opts.csum.code().to_le_bytes());
+    }
     match opts.owner {
         Some((u, g)) => {
             h.update([1]);
@@ -138,6 +143,26 @@ mod tests {
         };
         let other_fill = Entry::file(1 << 20, Fill::Random(2));
         let all = [base, x1, x2, holes, other_fill].map(uuid_of);
+        for i in 0..all.len() {
+            for j in i + 1..all.len() {
+                assert_ne!(all[i], all[j], "{i} and {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn covers_the_checksum_type() {
+        use crate::format::CsumType;
+        let tree = build(&Entry::dir(BTreeMap::new())).unwrap();
+        let all = CsumType::ALL.map(|csum| {
+            content_uuid(
+                &tree,
+                &Options {
+                    csum,
+                    ..Options::default()
+                },
+            )
+        });
         for i in 0..all.len() {
             for j in i + 1..all.len() {
                 assert_ne!(all[i], all[j], "{i} and {j}");

@@ -8,8 +8,11 @@
 #![allow(unused_imports, dead_code)]
 
 use super::*;
-use btrfsimg::format::hash::{crc32c, extref_hash, name_hash};
-use btrfsimg::format::{max_item_size, Key, Timespec, HEADER_SIZE, ITEM_HEADER_SIZE, KEY_PTR_SIZE};
+use btrfsimg::format::hash::{extref_hash, name_hash};
+use btrfsimg::format::{
+    max_csums_per_item, max_item_size, CsumType, Key, Timespec, HEADER_SIZE, ITEM_HEADER_SIZE,
+    KEY_PTR_SIZE,
+};
 use btrfsimg::plan::space::RegionKind;
 use btrfsimg::plan::{Plan, TreeId};
 use btrfsimg::source::generated::{Content, Entry, Meta};
@@ -277,10 +280,17 @@ fn options() -> impl Strategy<Value = Options> {
                         1 => Just(Some("lzo".to_string())),
         ],
         proptest::bool::weighted(0.12),
+        prop_oneof![
+            6 => Just(CsumType::Crc32c),
+            1 => Just(CsumType::Xxhash),
+            1 => Just(CsumType::Sha256),
+            1 => Just(CsumType::Blake2),
+        ],
     )
         .prop_map(
-            |(nodesize, dup, slack, max_inline, owner, label, compress, dedupe)| Options {
+            |(nodesize, dup, slack, max_inline, owner, label, compress, dedupe, csum)| Options {
                 dedupe,
+                csum,
                 compression: compress.and_then(|c| {
                     btrfsimg::compress::Compression::parse(&c).expect("valid spelling")
                 }),
@@ -767,6 +777,21 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
     let nodesize = plan.nodesize as usize;
     let img = Image::new(plan);
     let p = img.plan();
+    // Every superblock copy: its csum_type and its checksum.
+    for r in &p.regions {
+        if let RegionKind::Super(_) = r.kind {
+            let mut sb = vec![0u8; 4096];
+            img.read_at(r.start, &mut sb).map_err(|e| e.to_string())?;
+            if u16::from_le_bytes([sb[0xc4], sb[0xc5]]) != p.csum_type.code()
+                || p.csum_type.compute(&sb[0x20..]) != sb[..0x20]
+            {
+                return Err(format!(
+                    "superblock at {}: bad csum_type or checksum",
+                    r.start
+                ));
+            }
+        }
+    }
     let mut seen = 0usize;
     for t in &p.trees {
         let root = t.root();
@@ -778,7 +803,7 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
             seen += 1;
             let b = read_logical(&img, logical, nodesize);
             let name = t.id.name();
-            if crc32c(&b[0x20..]) != u32_at(&b, 0) {
+            if p.csum_type.compute(&b[0x20..]) != b[..0x20] {
                 return Err(format!("{name}: bad checksum at {logical}"));
             }
             if u64_at(&b, 0x30) != logical
@@ -812,6 +837,10 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
                         return Err(format!("{name}: item {i} data misplaced at {logical}"));
                     }
                     data_end = off;
+                    if t.id == TreeId::Csum {
+                        check_csum_item(&img, key, &b[off..off + size])
+                            .map_err(|e| format!("csum item {key:?} at {logical}: {e}"))?;
+                    }
                 }
                 items += n as u64;
             } else {
@@ -901,6 +930,37 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
                 off += n as u64;
             }
         }
+    }
+    Ok(())
+}
+
+/// A csum item holds whole checksums, at most as many as the kernel puts in
+/// one, and its first is the checksum of the sector it starts at.
+fn check_csum_item(img: &Image, key: Key, body: &[u8]) -> Result<(), String> {
+    let p = img.plan();
+    let size = p.csum_type.size();
+    if body.is_empty() || body.len() % size != 0 {
+        return Err(format!("{} bytes for {size}-byte checksums", body.len()));
+    }
+    if body.len() / size > max_csums_per_item(p.nodesize, p.csum_type) {
+        return Err(format!("{} checksums", body.len() / size));
+    }
+    let phys = p
+        .regions
+        .iter()
+        .find_map(|r| match r.kind {
+            RegionKind::Data { logical }
+                if logical <= key.offset && key.offset < logical + r.len =>
+            {
+                Some(r.start + key.offset - logical)
+            }
+            _ => None,
+        })
+        .ok_or("it starts outside the data regions")?;
+    let mut sector = vec![0u8; 4096];
+    img.read_at(phys, &mut sector).map_err(|e| e.to_string())?;
+    if p.csum_type.compute(&sector)[..size] != body[..size] {
+        return Err("its first checksum is not that of its first sector".into());
     }
     Ok(())
 }
