@@ -20,6 +20,19 @@
   # Compress file data inside the filesystem, as mkfs.btrfs --compress spells
   # it: "zstd", "zstd:LEVEL" (1-15), "zlib", "zlib:LEVEL" (1-9), "lzo" or null.
   compression ? null,
+  # Subvolumes, as `btrfsimg --subvol` spells them: "PATH" (a directory of
+  # the image), "ro:PATH", "default:PATH", or the mount-view form
+  # "default:@=/" "@nix=/nix" (the subvolume holds what the booted system
+  # sees under the mountpoint).
+  subvolumes ? [ ],
+  # Where the booted system mounts the image, e.g. "/nix" for an image that
+  # is /nix itself (ephemeral root): store paths then land at store/...
+  mountpoint ? null,
+  # Where the closure's registration goes, as a path of the booted system
+  # (sdImage.nixPathRegistrationFile); null: /nix-path-registration.
+  nixPathRegistrationFile ? null,
+  # Checksum algorithm: "crc32c" (default), "xxhash", "sha256", "blake2".
+  csum ? null,
   zstd,
   # Shell commands that populate the ./files directory; its contents are
   # merged into the root of the image.
@@ -69,6 +82,10 @@ pkgs.stdenv.mkDerivation {
       --uuid ${lib.escapeShellArg uuid} \
       ${lib.optionalString compressImage ''--zstd''} \
       ${lib.optionalString (compression != null) "--compress ${lib.escapeShellArg compression}"} \
+      ${lib.concatMapStringsSep " " (v: "--subvol ${lib.escapeShellArg v}") subvolumes} \
+      ${lib.optionalString (mountpoint != null) "--mountpoint ${lib.escapeShellArg mountpoint}"} \
+      ${lib.optionalString (nixPathRegistrationFile != null) "--registration-path ${lib.escapeShellArg nixPathRegistrationFile}"} \
+      ${lib.optionalString (csum != null) "--csum ${lib.escapeShellArg csum}"} \
       --threads "$threads" \
       --quiet \
       -o "$out"

@@ -556,11 +556,12 @@ fn nix_expressions_evaluate() {
         &store,
         &format!("builtins.functionArgs (import {})", file.display()),
     );
-    let expected = r#"{"btrfs-progs":false,"btrfsimg":true,"checkImage":true,"compressImage":true,"compression":true,"lib":false,"pkgs":false,"populateImageCommands":true,"storePaths":false,"uuid":true,"volumeLabel":false,"zstd":false}"#;
+    let expected = r#"{"btrfs-progs":false,"btrfsimg":true,"checkImage":true,"compressImage":true,"compression":true,"csum":true,"lib":false,"mountpoint":true,"nixPathRegistrationFile":true,"pkgs":false,"populateImageCommands":true,"storePaths":false,"subvolumes":true,"uuid":true,"volumeLabel":false,"zstd":false}"#;
     assert_eq!(args, expected, "argument set of make-btrfs-fs.nix");
 
     let lib_stub = r#"{
       optionalString = c: s: if c then s else "";
+      concatMapStringsSep = sep: f: l: builtins.concatStringsSep sep (map f l);
       optional = c: x: if c then [ x ] else [ ];
       escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
       importTOML = p: builtins.fromTOML (builtins.readFile p);
@@ -630,6 +631,26 @@ fn nix_expressions_evaluate() {
         "compression lacks --compress: {fs}"
     );
     assert!(!fs.contains("--zstd"), "{fs}");
+    for absent in ["--subvol", "--mountpoint", "--registration-path", "--csum"] {
+        assert!(
+            !plain.contains(absent),
+            "{absent} without its argument: {plain}"
+        );
+    }
+    let layout = nix_eval_json(
+        &store,
+        &mk(
+            r#"{ subvolumes = [ "default:@=/" "@nix=/nix" ]; mountpoint = "/"; nixPathRegistrationFile = "/nix/nix-path-registration"; csum = "xxhash"; }"#,
+        ),
+    );
+    for want in [
+        "--subvol 'default:@=/' --subvol '@nix=/nix'",
+        "--mountpoint '/'",
+        "--registration-path '/nix/nix-path-registration'",
+        "--csum 'xxhash'",
+    ] {
+        assert!(layout.contains(want), "layout lacks {want}: {layout}");
+    }
 
     let pkg = nix_eval_json(
         &store,
@@ -685,6 +706,7 @@ let
   system = builtins.currentSystem;
   lib = {
     optionalString = c: s: if c then s else "";
+    concatMapStringsSep = sep: f: l: builtins.concatStringsSep sep (map f l);
     optional = c: x: if c then [ x ] else [ ];
     escapeShellArg = s: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] s + "'";
   };
@@ -714,8 +736,9 @@ let
       };
     buildPackages.closureInfo = closureInfo;
   };
-  image = compressImage: compression: import (repo + "/nix/make-btrfs-fs.nix") {
-    inherit pkgs lib compressImage compression;
+  image = compressImage: compression: imageWith { inherit compressImage compression; };
+  imageWith = extra: import (repo + "/nix/make-btrfs-fs.nix") ({
+    inherit pkgs lib;
     storePaths = [ rootPath ];
     zstd = builtins.storePath zstd;
     btrfs-progs = builtins.storePath btrfsProgs;
@@ -724,9 +747,17 @@ let
     volumeLabel = "NIXOS_SD";
     libfaketime = null;
     fakeroot = null;
-  };
+  } // extra);
 in
 {
+  subvols = imageWith {
+    subvolumes = [ "default:@=/" "@nix=/nix" ];
+    nixPathRegistrationFile = "/nix/nix-path-registration";
+  };
+  nixonly = imageWith {
+    mountpoint = "/nix";
+    nixPathRegistrationFile = "/nix/nix-path-registration";
+  };
   plain = image false null;
   compressed = image true null;
   zstdfs = image false "zstd:5";
@@ -891,4 +922,84 @@ fn nix_make_btrfs_fs_builds_the_cli_image() {
         "build-time mtimes reached the image: {recent:?}"
     );
     m.unmount();
+
+    // The @/@nix layout and the /nix-only image: each the CLI's image from
+    // the same arguments, and mounted as a system would, a store Nix takes.
+    for (attr, extra) in [
+        (
+            "subvols",
+            &[
+                "--subvol",
+                "default:@=/",
+                "--subvol",
+                "@nix=/nix",
+                "--registration-path",
+                "/nix/nix-path-registration",
+            ][..],
+        ),
+        (
+            "nixonly",
+            &[
+                "--mountpoint",
+                "/nix",
+                "--registration-path",
+                "/nix/nix-path-registration",
+            ][..],
+        ),
+    ] {
+        let built = store.host_path(&one(attr));
+        let want = dir.join(format!("expected-{attr}.img"));
+        let mut args = cli.to_vec();
+        args.extend(extra);
+        export_sources(None, &want, &args);
+        assert_files_identical(&built, &want);
+        btrfs_check(&built);
+        let sysroot = workdir(&format!("nix-{attr}-root"));
+        let r = sysroot.path().canonicalize().unwrap();
+        let mut mounts = Vec::new();
+        if attr == "subvols" {
+            mounts.push(mount_at(&built, &r, "loop,ro"));
+            mounts.push(mount_at(&built, &r.join("nix"), "loop,ro,subvol=@nix"));
+            assert_eq!(sorted_names(&r), ["boot", "etc", "nix"]);
+        } else {
+            fs::create_dir(r.join("nix")).unwrap();
+            mounts.push(mount_at(&built, &r.join("nix"), "loop,ro"));
+        }
+        assert_eq!(
+            sorted_names(&r.join("nix")),
+            if attr == "subvols" {
+                &["nix-path-registration", "store", "var"][..]
+            } else {
+                &["boot", "etc", "nix", "nix-path-registration", "store"][..]
+            }
+        );
+        let reg = r.join("nix/nix-path-registration");
+        assert_eq!(fs::read(&reg).unwrap(), registration.as_bytes());
+        assert_store_matches_registration(&r, &c);
+        let rt = workdir(&format!("nix-{attr}-rt"));
+        round_trip(&r, rt.path(), &c, &reg);
+        while let Some(m) = mounts.pop() {
+            drop(m);
+        }
+    }
+}
+
+/// A mount at `at` undone when dropped.
+struct MountedAt(PathBuf);
+
+fn mount_at(img: &Path, at: &Path, options: &str) -> MountedAt {
+    let o = run(Command::new(tool("mount"))
+        .args(["-t", "btrfs", "-o", options])
+        .arg(img)
+        .arg(at));
+    assert!(o.status.success(), "mount {options}: {}", output_text(&o));
+    MountedAt(at.to_path_buf())
+}
+
+impl Drop for MountedAt {
+    fn drop(&mut self) {
+        if let Err(e) = unmount_retrying(&self.0) {
+            eprintln!("{e}");
+        }
+    }
 }
