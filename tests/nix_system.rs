@@ -540,7 +540,13 @@ fn nix_expressions_evaluate() {
     // A throwaway store, so that no system store or daemon is needed.
     let work = workdir("nix-eval");
     let store = ChrootStore::new(&work.path().join("store"));
-    for f in ["nix/make-btrfs-fs.nix", "nix/package.nix"] {
+    for f in [
+        "nix/make-btrfs-fs.nix",
+        "nix/package.nix",
+        "nix/creators/subvolumes.nix",
+        "nix/creators/nix-only.nix",
+        "flake.nix",
+    ] {
         let mut c = store.cmd("nix-instantiate");
         c.arg("--parse").arg(repo.join(f));
         run_stdout(&mut c);
@@ -573,7 +579,7 @@ fn nix_expressions_evaluate() {
     // The derivation attributes make-btrfs-fs.nix asks stdenv for, with
     // defaults for everything (uuid, compressImage, populateImageCommands)
     // and libfaketime/fakeroot passed as nixpkgs' callers do.
-    let mk = |extra: &str| {
+    let mk_for = |file: &Path, extra: &str| {
         format!(
             r#"let
               lib = {lib_stub};
@@ -593,6 +599,7 @@ fn nix_expressions_evaluate() {
             file = file.display()
         )
     };
+    let mk = |extra: &str| mk_for(&file, extra);
     let plain = nix_eval_json(&store, &mk("{ }"));
     assert!(plain.starts_with(r#"{"buildCommand":"#), "{plain}");
     for want in [
@@ -650,6 +657,43 @@ fn nix_expressions_evaluate() {
         "--csum 'xxhash'",
     ] {
         assert!(layout.contains(want), "layout lacks {want}: {layout}");
+    }
+
+    // The creators for sdImage.rootFilesystemCreator: callPackage hands them
+    // pkgs, lib and the tools (their formals), and they add the layout.
+    for (creator, wants) in [
+        (
+            "nix/creators/subvolumes.nix",
+            &[
+                "--subvol 'default:@=/' --subvol '@nix=/nix' --subvol '@home=/home'",
+                "--registration-path '/nix/nix-path-registration'",
+                "--compress 'zstd'",
+            ][..],
+        ),
+        (
+            "nix/creators/nix-only.nix",
+            &[
+                "--mountpoint '/nix'",
+                "--registration-path '/nix/nix-path-registration'",
+                "--compress 'zstd'",
+            ][..],
+        ),
+    ] {
+        let f = repo.join(creator);
+        let args = nix_eval_json(
+            &store,
+            &format!("builtins.functionArgs (import {})", f.display()),
+        );
+        assert_eq!(
+            args, r#"{"btrfs-progs":false,"btrfsimg":true,"lib":false,"pkgs":false,"zstd":false}"#,
+            "{creator}"
+        );
+        let d = nix_eval_json(&store, &mk_for(&f, r#"{ compression = null; }"#));
+        assert!(!d.contains("--compress"), "{creator}: {d}");
+        let d = nix_eval_json(&store, &mk_for(&f, "{ }"));
+        for want in wants {
+            assert!(d.contains(want), "{creator} lacks {want}: {d}");
+        }
     }
 
     let pkg = nix_eval_json(
@@ -1002,4 +1046,74 @@ impl Drop for MountedAt {
             eprintln!("{e}");
         }
     }
+}
+
+/// A stand-in for the nixpkgs flake: `lib.genAttrs` and a `callPackage`
+/// that says what it was given.
+const STANDIN_NIXPKGS_FLAKE: &str = r#"{
+  outputs = _: {
+    lib.genAttrs = names: f: builtins.listToAttrs (map (n: { name = n; value = f n; }) names);
+    legacyPackages = builtins.listToAttrs (map (s: {
+      name = s;
+      value.callPackage = f: args: { package = baseNameOf (toString f); system = s; };
+    }) [ "x86_64-linux" "aarch64-linux" ]);
+  };
+}
+"#;
+
+/// flake.nix, evaluated offline with nixpkgs replaced by a stand-in: the
+/// package for each system, the overlay's pkgs.btrfsimg, and the creator
+/// files it exports.
+#[test]
+fn nix_flake_evaluates() {
+    let what = "nix_flake_evaluates";
+    if !tools_available(what, &["nix", "git"]) {
+        return;
+    }
+    let work = workdir("nix-flake");
+    let store = ChrootStore::new(&work.path().join("store"));
+    let standin = work.path().join("nixpkgs");
+    fs::create_dir(&standin).unwrap();
+    fs::write(standin.join("flake.nix"), STANDIN_NIXPKGS_FLAKE).unwrap();
+    let flake = format!("git+file://{}", repo().display());
+    let eval = |attr: &str, apply: Option<&str>| -> String {
+        let mut c = store.cmd("nix");
+        c.args([
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "--option",
+            "substituters",
+            "",
+            "eval",
+            "--json",
+            "--no-write-lock-file",
+            "--override-input",
+        ])
+        .arg("nixpkgs")
+        .arg(format!("path:{}", standin.display()))
+        .arg(format!("{flake}#{attr}"));
+        if let Some(a) = apply {
+            c.arg("--apply").arg(a);
+        }
+        run_stdout(&mut c).trim().to_string()
+    };
+    for system in ["x86_64-linux", "aarch64-linux"] {
+        let want = format!(r#"{{"package":"package.nix","system":"{system}"}}"#);
+        assert_eq!(eval(&format!("packages.{system}.default"), None), want);
+        assert_eq!(eval(&format!("packages.{system}.btrfsimg"), None), want);
+    }
+    assert_eq!(
+        eval(
+            "overlays.default",
+            Some(r#"o: baseNameOf (toString (o { callPackage = f: a: f; } { }).btrfsimg)"#)
+        ),
+        r#""package.nix""#
+    );
+    assert_eq!(
+        eval(
+            "lib.rootFilesystemCreators",
+            Some("c: builtins.mapAttrs (n: p: baseNameOf (toString p)) c")
+        ),
+        r#"{"default":"make-btrfs-fs.nix","nixOnly":"nix-only.nix","subvolumes":"subvolumes.nix"}"#
+    );
 }

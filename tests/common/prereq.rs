@@ -70,6 +70,7 @@ pub fn package_of(tool: &str) -> &'static str {
         "setcap" | "getcap" => "libcap2-bin",
         "mkfs.ext4" => "e2fsprogs",
         "zstd" => "zstd",
+        "git" => "git",
         "compsize" => "btrfs-compsize",
         "modprobe" => "kmod",
         "cpio" => "cpio",
