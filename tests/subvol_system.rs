@@ -481,3 +481,112 @@ fn image_mounted_at_nix() {
     );
     m.unmount();
 }
+
+/// The trixie chroot with mkfs.btrfs 6.14 (`.ci/trixie-mkfs`), or a loud
+/// skip (a failure under BTRFSIMG_REQUIRE_SYSTEM_TESTS=1).
+fn trixie_chroot(what: &str) -> Option<PathBuf> {
+    let dir = std::env::var("BTRFSIMG_TRIXIE_CHROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/var/cache/btrfsimg/trixie"));
+    if dir.join(".complete").exists() {
+        return Some(dir);
+    }
+    skip_or_panic(
+        what,
+        &format!(
+            "no mkfs.btrfs 6.14 chroot at {} (run .ci/trixie-mkfs, or set BTRFSIMG_TRIXIE_CHROOT)",
+            dir.display()
+        ),
+    );
+    None
+}
+
+/// (path, read-only) of every subvolume, and the default's path.
+fn subvolume_layout(img: &Path) -> (Vec<(String, bool)>, String) {
+    let m = LoopMount::with_options(img, "loop,ro,subvolid=5");
+    let mut subvols: Vec<(String, bool)> = subvolume_list(m.path())
+        .iter()
+        .map(|l| {
+            let path = l.split(" path ").nth(1).expect("a path").to_string();
+            let ro = btrfs_out(&["property", "get"], &m.path().join(&path)).trim() == "ro=true";
+            (path, ro)
+        })
+        .collect();
+    subvols.sort();
+    let default = btrfs_out(&["subvolume", "get-default"], m.path());
+    let default = default
+        .split(" path ")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    m.unmount();
+    (subvols, default)
+}
+
+/// mkfs.btrfs 6.14 (Debian trixie) run with the same `--subvol` options on
+/// the same tree lists the same subvolumes with the same flags, the same
+/// default, and the same contents.
+#[test]
+fn mkfs_6_14_agrees_on_subvolumes() {
+    let what = "mkfs_6_14_agrees_on_subvolumes";
+    if !system_tests_available(what) || !tools_available(what, &["chroot", "cp"]) {
+        return;
+    }
+    let Some(chroot) = trixie_chroot(what) else {
+        return;
+    };
+    let work = workdir("subvol-mkfs");
+    let src = work.path().join("src");
+    mkfs_form_tree(&src);
+    let mut args = fixed_args("0b0d0a0e-5b00-4000-8000-000000000005");
+    args.extend(MKFS_FORM);
+    let ours = work.path().join("ours.img");
+    export(&src, &ours, &args);
+
+    // mkfs.btrfs sees the tree inside the chroot.
+    let inside = tempfile::Builder::new()
+        .prefix("btrfsimg-mkfs-")
+        .tempdir_in(chroot.join("tmp"))
+        .unwrap();
+    run_ok(
+        Command::new(tool("cp"))
+            .arg("-a")
+            .arg(&src)
+            .arg(inside.path()),
+    );
+    let rel = Path::new("/tmp").join(inside.path().file_name().unwrap());
+    let mk = inside.path().join("mk.img");
+    fs::File::create(&mk).unwrap().set_len(512 * MIB).unwrap();
+    let mut cmd = Command::new(tool("chroot"));
+    cmd.arg(&chroot)
+        .arg("mkfs.btrfs")
+        // -f: the chroot has no /proc to check mounts in.
+        .arg("-f")
+        .arg("-q")
+        .arg("--rootdir")
+        .arg(rel.join("src"));
+    for spec in MKFS_FORM.iter().skip(1).step_by(2) {
+        cmd.arg("--subvol").arg(spec);
+    }
+    cmd.arg(rel.join("mk.img"));
+    run_ok(&mut cmd);
+    btrfs_check(&mk);
+
+    let (a, b) = (subvolume_layout(&ours), subvolume_layout(&mk));
+    assert_eq!(a, b, "btrfsimg (left) and mkfs.btrfs 6.14 (right)");
+    assert_eq!(a.1, "@");
+    let m = LoopMount::with_options(&mk, "loop,ro,subvolid=5");
+    // mkfs.btrfs 6.14 stores holes as zeros and drops the nanoseconds of
+    // times; contents, modes, owners, seconds, links and xattrs are equal.
+    compare_trees(
+        &src,
+        m.path(),
+        CompareOpts {
+            holes: false,
+            mtime_ns: false,
+            ..CompareOpts::default()
+        },
+    );
+    m.unmount();
+}
