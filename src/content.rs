@@ -124,6 +124,10 @@ pub struct ContentOptions {
     pub threads: usize,
     /// Payload bytes to keep in memory.
     pub keep_bytes: u64,
+    /// The fs tree (subvolume index) of every node, when there are several:
+    /// files are taken tree by tree, in the order the planner places their
+    /// data, so a sink sees pieces where they will be (empty: one tree).
+    pub tree_of: Vec<u16>,
 }
 
 /// Told, in inode order, every piece and its bytes as they will be on disk
@@ -211,10 +215,14 @@ pub fn scan(
 ) -> Result<ContentIndex> {
     let want_raw = sink.is_some();
     let c = opts.compression;
-    let nodes: Vec<u32> = (0..tree.len() as u32)
+    let mut nodes: Vec<u32> = (0..tree.len() as u32)
         .filter(|&n| tree.node(n).kind == Kind::File && tree.link_rep(n) == n)
         .filter(|&n| !tree.segments(n).is_empty())
         .collect();
+    if !opts.tree_of.is_empty() {
+        // Stable: node order within each tree.
+        nodes.sort_by_key(|&n| opts.tree_of[n as usize]);
+    }
     let total: u64 = nodes
         .iter()
         .map(|&n| tree.segments(n).iter().map(|s| s.len).sum::<u64>())
@@ -461,6 +469,8 @@ pub fn scan(
     close(&mut index, current.take(), &mut sink)?;
     index.bytes_read = read.load(Ordering::Relaxed);
     index.digest = tree_hash.finalize().into();
+    // Files were taken tree by tree: `stored` looks them up by node.
+    index.files.sort_by_key(|f| f.0);
     Ok(index)
 }
 

@@ -140,6 +140,13 @@ pub fn plan_tree(
                 max_inline: plan::max_inline(opts),
                 threads,
                 keep_bytes: pass.keep_bytes,
+                tree_of: match opts.subvolumes.is_empty() {
+                    true => Vec::new(),
+                    false => plan::subvol::resolve(&tree, &opts.subvolumes)?
+                        .0
+                        .tree_of()
+                        .to_vec(),
+                },
             },
             pass.progress.unwrap_or(&|_, _| {}),
             sink,

@@ -43,6 +43,10 @@ fn mkfs_form_tree(src: &Path) {
         .file(b"@snap/etc/hostname", b"snapshot of the appliance\n")
         .random_file(b"@snap/usr/bin/tool", 2 * MIB, 4)
         .file(b"top-level-file", b"outside every subvolume\n")
+        .file(
+            b"zz-plain/deeper",
+            &b"placed before the subvolumes' data ".repeat(5000),
+        )
         .finalize();
 }
 
@@ -129,6 +133,21 @@ fn subvolumes_as_mkfs_spells_them() {
     assert_reproducible(&src, &args);
 
     read_write_cycle(&img, &src, work.path());
+
+    // Compressed and deduplicated: the content pass takes files tree by tree
+    // (the order the planner places them), so the file it writes itself
+    // equals the stream.
+    let mut cargs = args.clone();
+    cargs.extend(["--compress", "zstd", "--dedupe"]);
+    let cimg = work.path().join("compressed.img");
+    export(&src, &cimg, &cargs);
+    btrfs_check(&cimg);
+    let streamed = work.path().join("streamed.img");
+    export_to_stdout(&src, &streamed, &cargs);
+    assert_files_identical(&cimg, &streamed);
+    let m = LoopMount::with_options(&cimg, "loop,ro,subvolid=5");
+    compare_trees(&src, m.path(), CompareOpts::default());
+    m.unmount();
 }
 
 /// On a grown copy mounted read-write: the read-only subvolume refuses

@@ -181,6 +181,11 @@ impl Partition {
         self.subvols[self.subvol(node)].id
     }
 
+    /// Every node's subvolume index (empty when there is only the top level).
+    pub fn tree_of(&self) -> &[u16] {
+        &self.subvol_of
+    }
+
     pub fn default(&self) -> Option<&Subvol> {
         self.subvols.iter().find(|s| s.default)
     }
