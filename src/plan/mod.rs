@@ -65,6 +65,9 @@ pub struct Options {
     pub subvolumes: Vec<subvol::SubvolSpec>,
     /// The checksum algorithm of the superblock, tree blocks and data.
     pub csum: CsumType,
+    /// Block groups in a tree of their own (`-O block-group-tree`, compat_ro
+    /// BLOCK_GROUP_TREE) rather than in the extent tree; Linux 6.1 and later.
+    pub block_group_tree: bool,
 }
 
 impl Default for Options {
@@ -84,6 +87,7 @@ impl Default for Options {
             dedupe: false,
             subvolumes: Vec::new(),
             csum: CsumType::Crc32c,
+            block_group_tree: false,
         }
     }
 }
@@ -483,6 +487,9 @@ pub fn build_with(
         TreeId::FreeSpace,
         TreeId::DataReloc,
     ]);
+    if opts.block_group_tree {
+        rooted.push(TreeId::BlockGroup);
+    }
     let root_items = |infos: &[(TreeId, trees::RootInfo)]| {
         root_tree(opts, ids.fs_tree, infos, &subvols, default_subvol)
     };
@@ -514,6 +521,7 @@ pub fn build_with(
         owners: &owners,
         fixed: &fixed,
         chunk_tree_uuid: ids.chunk_tree,
+        block_group_tree: opts.block_group_tree,
     })?;
 
     // The image's size.
@@ -669,6 +677,9 @@ fn assemble(a: Assembly) -> Result<Plan> {
         (TreeId::Dev, Box::new(lay.dev_items)),
         (TreeId::Chunk, Box::new(chunk_items)),
     ]);
+    if let Some(items) = lay.block_group_items {
+        sources.push((TreeId::BlockGroup, Box::new(items)));
+    }
     let mut trees: Vec<TreePlan> = Vec::with_capacity(lay.trees.len());
     for ((id, shape), addrs) in lay.trees.into_iter().zip(lay.addrs) {
         let k = sources
@@ -719,7 +730,13 @@ fn assemble(a: Assembly) -> Result<Plan> {
         bytes_used: chunks.iter().map(|c| c.used).sum(),
         sectorsize: SECTOR_SIZE as u32,
         nodesize,
-        compat_ro_flags: COMPAT_RO_FREE_SPACE_TREE | COMPAT_RO_FREE_SPACE_TREE_VALID,
+        compat_ro_flags: COMPAT_RO_FREE_SPACE_TREE
+            | COMPAT_RO_FREE_SPACE_TREE_VALID
+            | if a.opts.block_group_tree {
+                COMPAT_RO_BLOCK_GROUP_TREE
+            } else {
+                0
+            },
         incompat_flags: INCOMPAT_MIXED_BACKREF
             | if a.default_subvol.is_some() {
                 INCOMPAT_DEFAULT_SUBVOL

@@ -486,13 +486,15 @@ impl ItemSource for ExtentItems {
     }
 }
 
-/// The extent tree: every tree block, data extent and block group.
-/// `trees[b.owner]` is the object id of block `b`'s tree.
+/// The extent tree: every tree block, data extent and (without a
+/// block-group tree, `groups`) block group. `trees[b.owner]` is the object
+/// id of block `b`'s tree.
 pub fn extent_tree(
     blocks: &[BlockInfo],
     extents: &Arc<Vec<DataExtent>>,
     owners: &Arc<dyn ExtentOwners>,
     chunks: &[Chunk],
+    groups: bool,
     trees: &Arc<[u64]>,
     nodesize: u32,
 ) -> ExtentItems {
@@ -510,7 +512,9 @@ pub fn extent_tree(
             recs.extend((0..keyed.len() as u32).map(|k| ExtentRec::DataRef { e: i, k }));
         }
     }
-    recs.extend((0..chunks.len() as u32).map(ExtentRec::Group));
+    if groups {
+        recs.extend((0..chunks.len() as u32).map(ExtentRec::Group));
+    }
     let mut items = ExtentItems {
         recs: Vec::new(),
         extents: extents.clone(),
@@ -522,6 +526,25 @@ pub fn extent_tree(
     recs.sort_unstable_by_key(|r| items.key(r));
     items.recs = recs;
     items
+}
+
+/// The block-group tree (`-O block-group-tree`): every BLOCK_GROUP_ITEM,
+/// the same bodies the extent tree holds without it, in key order.
+pub fn block_group_tree(chunks: &[Chunk]) -> VecItems {
+    let mut sorted: Vec<&Chunk> = chunks.iter().collect();
+    sorted.sort_by_key(|c| c.logical);
+    VecItems(
+        sorted
+            .into_iter()
+            .map(|c| Item {
+                key: Key::new(c.logical, BLOCK_GROUP_ITEM_KEY, c.length),
+                body: Body::BlockGroup {
+                    used: c.used,
+                    flags: c.ty,
+                },
+            })
+            .collect(),
+    )
 }
 
 /// Free-space tree: for every block group, the maximal ranges not covered by a
