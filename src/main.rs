@@ -166,6 +166,35 @@ struct ImageArgs {
     /// (every kernel), xxhash, sha256 or blake2 (Linux 5.5 and later).
     #[arg(long, value_name = "ALGO", default_value = "crc32c")]
     csum: String,
+    /// Filesystem features, as mkfs.btrfs -O (comma separated, repeatable;
+    /// ^FEATURE turns one off): block-group-tree (block groups in a tree of
+    /// their own, so mounting reads a few blocks instead of the whole extent
+    /// tree; needs Linux 6.1 or later, so off by default).
+    #[arg(short = 'O', long = "features", value_name = "FEATURE[,FEATURE]")]
+    features: Vec<String>,
+}
+
+/// The filesystem features `-O` may name (mkfs.btrfs's spelling).
+const FEATURES: [&str; 1] = ["block-group-tree"];
+
+/// Applies `-O` lists in order: each FEATURE turns one on, ^FEATURE off.
+fn parse_features(lists: &[String], opts: &mut Options) -> Result<(), Error> {
+    for list in lists {
+        for item in list.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            let (on, name) = match item.strip_prefix('^') {
+                Some(n) => (false, n),
+                None => (true, item),
+            };
+            match name {
+                "block-group-tree" => opts.block_group_tree = on,
+                _ => return Err(Error::msg(format!(
+                    "invalid -O feature '{item}': known features are {} (^FEATURE turns one off)",
+                    FEATURES.join(", ")
+                ))),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The checksum algorithm named by `--csum`, spelled as mkfs.btrfs spells it.
@@ -257,7 +286,7 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
             )));
         }
     }
-    Ok(Options {
+    let mut opts = Options {
         nodesize: a.nodesize,
         metadata_dup: matches!(a.metadata, Profile::Dup),
         label: a.label.clone().unwrap_or_default().into_bytes(),
@@ -292,7 +321,9 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
         },
         csum: parse_csum(&a.csum)?,
         ..Options::default()
-    })
+    };
+    parse_features(&a.features, &mut opts)?;
+    Ok(opts)
 }
 
 fn sources(root: Option<PathBuf>, a: &ImageArgs) -> Result<Sources, Error> {
