@@ -100,6 +100,11 @@ pub const FT_SOCK: u8 = 6;
 pub const FT_SYMLINK: u8 = 7;
 pub const FT_XATTR: u8 = 8;
 
+/// INODE_ITEM flag: the file's data has no checksums.
+pub const INODE_FLAG_NODATASUM: u64 = 0x1;
+/// INODE_ITEM flag: data is overwritten in place (chattr +C); inherited by
+/// what is created in such a directory.
+pub const INODE_FLAG_NODATACOW: u64 = 0x2;
 /// INODE_ITEM flag: new writes to this file are compressed (chattr +c).
 pub const INODE_FLAG_COMPRESS: u64 = 0x800;
 /// Embedded inode flag of a ROOT_ITEM whose flags and byte limit are valid:

@@ -9,6 +9,7 @@
 
 pub mod data;
 pub mod fs;
+pub mod inode_flags;
 pub mod items;
 pub mod layout;
 pub mod limits;
@@ -68,6 +69,8 @@ pub struct Options {
     /// Block groups in a tree of their own (`-O block-group-tree`, compat_ro
     /// BLOCK_GROUP_TREE) rather than in the extent tree; Linux 6.1 and later.
     pub block_group_tree: bool,
+    /// `--inode-flags`: inodes without data copy-on-write or checksums.
+    pub inode_flags: Vec<inode_flags::InodeFlagsSpec>,
 }
 
 impl Default for Options {
@@ -88,6 +91,7 @@ impl Default for Options {
             subvolumes: Vec::new(),
             csum: CsumType::Crc32c,
             block_group_tree: false,
+            inode_flags: Vec::new(),
         }
     }
 }
@@ -145,6 +149,8 @@ pub struct Plan {
     /// Logical start of the data area; data sector `i` is at `data_start + i * 4096`.
     pub data_start: u64,
     pub data_sectors: u64,
+    /// `--inode-flags`, resolved: which inodes are NODATACOW or NODATASUM.
+    pub inode_flags: Arc<inode_flags::InodeFlags>,
 }
 
 impl Plan {
@@ -427,12 +433,18 @@ pub fn build_with(
         log::warn!("{w}");
     }
     let part = Arc::new(part);
+    let flags = Arc::new(inode_flags::InodeFlags::resolve(
+        &tree,
+        &opts.inode_flags,
+        &subvol::roots(&tree, &opts.subvolumes)?,
+    )?);
     let hash_order = fs::hash_order(&tree);
     let policy = InodePolicy {
         generation: g,
         owner: opts.owner,
         otime: time,
         max_inline: max_inline(opts),
+        flags: flags.clone(),
     };
     let mut fs_trees: Vec<FsItems> = (0..part.subvols.len())
         .map(|s| {
@@ -449,6 +461,15 @@ pub fn build_with(
         .collect::<Result<_>>()?;
     drop(hash_order);
     let data = place_data(&tree, &fs_trees, content.as_deref(), opts)?;
+    if data
+        .extents
+        .iter()
+        .any(|e| e.algorithm.is_some() && flags.nodatasum(&tree, e.node))
+    {
+        return Err(Error::msg(
+            "internal error: the content pass compressed a file without checksums",
+        ));
+    }
     let ranges = shared_ranges(
         &data.extents,
         fs_trees.iter().flat_map(|t| t.shared_sources()),
@@ -469,7 +490,9 @@ pub fn build_with(
             pack_input(t, nodesize, |o| t.oversized(o, nodesize))?,
         ));
     }
-    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize, opts.csum);
+    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize, opts.csum, &|n| {
+        flags.nodatasum(&tree, n)
+    });
     let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize)?;
     let uuid_items = trees::uuid_tree(
         &part
@@ -562,6 +585,7 @@ pub fn build_with(
         uuid_items,
         reloc_items,
         rooted,
+        flags,
     })
 }
 
@@ -603,6 +627,7 @@ struct Assembly<'a> {
     uuid_items: items::VecItems,
     reloc_items: items::VecItems,
     rooted: Vec<TreeId>,
+    flags: Arc<inode_flags::InodeFlags>,
 }
 
 /// Builds the trees that point at final addresses (chunk, root), the
@@ -783,5 +808,6 @@ fn assemble(a: Assembly) -> Result<Plan> {
         total_bytes: a.total_bytes,
         data_start: space::DATA_START,
         data_sectors: (a.data.end - space::DATA_START) / SECTOR_SIZE,
+        inode_flags: a.flags,
     })
 }

@@ -263,12 +263,14 @@ pub struct CsumItems {
 
 /// Builds the csum items of `extents` (sorted by address) in `chunks`: as
 /// many checksums per item as the kernel puts there for this node size and
-/// checksum size.
+/// checksum size. The extents of files `nodatasum` names (NODATASUM) have
+/// none.
 pub fn csum_tree(
     extents: &[DataExtent],
     chunks: &[Chunk],
     nodesize: u32,
     csum: CsumType,
+    nodatasum: &dyn Fn(u32) -> bool,
 ) -> CsumItems {
     let per_item = max_csums_per_item(nodesize, csum) as u64 * SECTOR_SIZE;
     let mut sorted: Vec<&Chunk> = chunks.iter().collect();
@@ -281,7 +283,7 @@ pub fn csum_tree(
         c
     };
     let mut runs: Vec<(u64, u64, usize)> = Vec::new();
-    for e in extents {
+    for e in extents.iter().filter(|e| !nodatasum(e.node)) {
         let chunk = chunk_of(e.logical);
         match runs.last_mut() {
             Some((s, len, ch)) if *s + *len == e.logical && *ch == chunk => *len += e.size(),
@@ -623,7 +625,9 @@ mod tests {
         ];
         for csum in CsumType::ALL {
             let per = max_csums_per_item(16384, csum) as u64;
-            let items = csum_tree(&extents, std::slice::from_ref(&chunk), 16384, csum);
+            let items = csum_tree(&extents, std::slice::from_ref(&chunk), 16384, csum, &|_| {
+                false
+            });
             assert_eq!(items.count(), 10_000u64.div_ceil(per), "{csum:?}");
             let mut next = 1u64 << 20;
             let mut total = 0;
