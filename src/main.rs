@@ -172,6 +172,14 @@ struct ImageArgs {
     /// tree; needs Linux 6.1 or later, so off by default).
     #[arg(short = 'O', long = "features", value_name = "FEATURE[,FEATURE]")]
     features: Vec<String>,
+    /// Give the inode at PATH (a path in the image; / is its root) the
+    /// flags, a comma list of nodatacow (no data copy-on-write, implies
+    /// nodatasum for files) and nodatasum (no data checksums), as
+    /// mkfs.btrfs --inode-flags (repeatable). A directory passes them to
+    /// everything below it (not into subvolumes), and the kernel to what is
+    /// created in it later. Such files are never stored compressed.
+    #[arg(long = "inode-flags", value_name = "FLAGS:PATH")]
+    inode_flags: Vec<String>,
 }
 
 /// The filesystem features `-O` may name (mkfs.btrfs's spelling).
@@ -187,10 +195,12 @@ fn parse_features(lists: &[String], opts: &mut Options) -> Result<(), Error> {
             };
             match name {
                 "block-group-tree" => opts.block_group_tree = on,
-                _ => return Err(Error::msg(format!(
+                _ => {
+                    return Err(Error::msg(format!(
                     "invalid -O feature '{item}': known features are {} (^FEATURE turns one off)",
                     FEATURES.join(", ")
-                ))),
+                )))
+                }
             }
         }
     }
@@ -323,6 +333,11 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
         ..Options::default()
     };
     parse_features(&a.features, &mut opts)?;
+    opts.inode_flags = a
+        .inode_flags
+        .iter()
+        .map(|s| btrfsimg::plan::inode_flags::InodeFlagsSpec::parse(s))
+        .collect::<Result<_, _>>()?;
     Ok(opts)
 }
 
