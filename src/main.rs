@@ -176,8 +176,9 @@ struct ImageArgs {
     /// flags, a comma list of nodatacow (no data copy-on-write, implies
     /// nodatasum for files) and nodatasum (no data checksums), as
     /// mkfs.btrfs --inode-flags (repeatable). A directory passes them to
-    /// everything below it (not into subvolumes), and the kernel to what is
-    /// created in it later. Such files are never stored compressed.
+    /// everything below it (not into subvolumes); the kernel gives
+    /// nodatacow to what is created in it later. Files with either flag
+    /// are never stored compressed.
     #[arg(long = "inode-flags", value_name = "FLAGS:PATH")]
     inode_flags: Vec<String>,
 }

@@ -99,7 +99,8 @@ impl InodeFlagsSpec {
 }
 
 /// The node at image path `spec.path`, refusing missing entries and
-/// symlinks (on the way and at the end: the flags are for the entry named).
+/// symlinks (on the way and at the end: mkfs.btrfs would follow one, to
+/// wherever it points; here a path names the entry itself).
 fn lookup(tree: &SourceTree, spec: &InodeFlagsSpec) -> Result<u32> {
     let shown = |upto: &[&[u8]]| PathBuf::from("/").join(OsStr::from_bytes(&upto.join(&b'/')));
     let parts: Vec<&[u8]> = spec
@@ -129,7 +130,7 @@ fn lookup(tree: &SourceTree, spec: &InodeFlagsSpec) -> Result<u32> {
             return Err(Error::at(
                 &shown(&parts[..=i]),
                 format!(
-                    "is a symlink; --inode-flags takes the path of the entry itself (--inode-flags {})",
+                    "is a symlink; --inode-flags follows none (--inode-flags {})",
                     spec.shown()
                 ),
             ));
