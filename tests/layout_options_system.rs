@@ -125,8 +125,28 @@ fn check_block_group_tree(img: &Path) {
         "the extent tree holds none"
     );
     let extent = dump_tree(img, "extent");
-    let (blocks, _) = tree_blocks(img, "11");
+    let (blocks, bytes) = tree_blocks(img, "11");
     assert!(!blocks.is_empty());
+    // Its ROOT_ITEM, as mkfs.btrfs 6.14 writes it: like the other internal
+    // trees' (no directory, one ref, no UUID).
+    let roots = dump_tree(img, "root");
+    let root = roots
+        .iter()
+        .find(|i| i.ty == "ROOT_ITEM" && (i.objectid == "BLOCK_GROUP_TREE" || i.objectid == "11"))
+        .expect("tree 11 has a ROOT_ITEM");
+    assert_eq!(root.offset, "0");
+    assert_eq!(root.itemsize, 439);
+    assert_eq!(root.field("root_dirid"), Some(0), "{:?}", root.body);
+    assert_eq!(root.field("refs"), Some(1), "{:?}", root.body);
+    assert_eq!(root.field("bytes_used"), Some(bytes), "{:?}", root.body);
+    assert!(blocks.contains(&root.field("bytenr").expect("bytenr")));
+    assert!(
+        root.body
+            .iter()
+            .any(|l| l == "uuid 00000000-0000-0000-0000-000000000000"),
+        "{:?}",
+        root.body
+    );
     for b in blocks {
         let item = extent
             .iter()
