@@ -255,6 +255,7 @@ fn flags_source(root: &Path) {
         .file(b"db/text", &text(60_000))
         .file(b"db/small", b"inline in a nodatacow directory\n")
         .file(b"db/sub/inner", &text(4000))
+        .file(b"db/sub/text-copy", &text(60_000))
         .random_file(b"db/sv/file", 200_000, 2)
         .file(b"sums/file", &text(40_000))
         .file(b"sums/other", &text(40_000))
@@ -401,6 +402,7 @@ fn inode_flags_images() {
         "db/text",
         "db/small",
         "db/sub/inner",
+        "db/sub/text-copy",
         "sums/file",
         "sums/other",
         "plain/text",
@@ -476,6 +478,24 @@ fn inode_flags_images() {
     let f = FuseMount::start(&src, &work.path().join("mnt"), &zargs);
     assert_files_identical(&z, &f.img());
     assert!(f.stop(libc::SIGTERM).success());
+
+    // --dedupe: equal files share extents only when both have checksums
+    // or both have none (the kernel reflinks no others).
+    let mut dargs = fixed_args("0b0d0a0e-0f00-4000-8000-000000000004");
+    dargs.extend(flag_args);
+    dargs.push("--dedupe");
+    let d = work.path().join("dedupe.img");
+    export(&src, &d, &dargs);
+    btrfs_check(&d);
+    let m = LoopMount::new(&d, false);
+    compare_trees(&src, m.path(), CompareOpts::default());
+    check_files(&d, m.path(), &files, expect);
+    let extents = file_extents(&d, "5");
+    let ino = |p: &str| std::fs::metadata(m.path().join(p)).unwrap().ino();
+    assert_eq!(extents[&ino("db/text")], extents[&ino("db/sub/text-copy")]);
+    assert_ne!(extents[&ino("db/text")], extents[&ino("plain/text")]);
+    assert_ne!(extents[&ino("sums/file")], extents[&ino("sums/other")]);
+    m.unmount();
 
     // What the kernel does with them: a grown copy mounted with
     // compress-force=zstd.
