@@ -168,8 +168,8 @@ struct ImageArgs {
     csum: String,
     /// Filesystem features, as mkfs.btrfs -O (comma separated, repeatable;
     /// ^FEATURE turns one off): block-group-tree (block groups in a tree of
-    /// their own, so mounting reads a few blocks instead of the whole extent
-    /// tree; needs Linux 6.1 or later, so off by default).
+    /// their own, which the kernel reads at mount instead of searching the
+    /// extent tree for them; needs Linux 6.1 or later, so off by default).
     #[arg(short = 'O', long = "features", value_name = "FEATURE[,FEATURE]")]
     features: Vec<String>,
     /// Give the inode at PATH (a path in the image; / is its root) the
