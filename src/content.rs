@@ -13,7 +13,10 @@
 //! file of at most one sector is inlined compressed when its payload is
 //! smaller than the file and at most `max_inline` bytes, inlined as is when
 //! the file is at most `max_inline` bytes, and otherwise stored in a regular
-//! extent. Holes stay holes: pieces cover data segments only.
+//! extent. Holes stay holes: pieces cover data segments only. Files without
+//! data checksums (`--inode-flags`) are never compressed, as the kernel
+//! never compresses them: they are read (and hashed, for dedupe) like the
+//! others and stored as they are.
 
 use crate::compress::{Algorithm, Compression, MAX_UNCOMPRESSED};
 use crate::error::{Error, Result};
@@ -128,6 +131,9 @@ pub struct ContentOptions {
     /// files are taken tree by tree, in the order the planner places their
     /// data, so a sink sees pieces where they will be (empty: one tree).
     pub tree_of: Vec<u16>,
+    /// `--inode-flags`: files without checksums are stored uncompressed and
+    /// share extents only with files like them.
+    pub inode_flags: Arc<crate::plan::inode_flags::InodeFlags>,
 }
 
 /// Told, in inode order, every piece and its bytes as they will be on disk
@@ -214,7 +220,9 @@ pub fn scan(
     mut sink: Option<&mut dyn PieceSink>,
 ) -> Result<ContentIndex> {
     let want_raw = sink.is_some();
-    let c = opts.compression;
+    // The compression of file `n` (none for files without checksums).
+    let raw = |n: u32| opts.inode_flags.nodatasum(tree, n);
+    let comp = |n: u32| opts.compression.filter(|_| !raw(n));
     let mut nodes: Vec<u32> = (0..tree.len() as u32)
         .filter(|&n| tree.node(n).kind == Kind::File && tree.link_rep(n) == n)
         .filter(|&n| !tree.segments(n).is_empty())
@@ -229,17 +237,19 @@ pub fn scan(
         .sum();
     let small =
         |n: u32| tree.node(n).size <= SECTOR_SIZE && matches!(tree.segments(n), Segments::Whole(_));
-    let piece_max = if c.is_some() {
-        MAX_UNCOMPRESSED as u64
-    } else {
-        RAW_PIECE
+    let piece_max = |n: u32| {
+        if comp(n).is_some() {
+            MAX_UNCOMPRESSED as u64
+        } else {
+            RAW_PIECE
+        }
     };
     let jobs = nodes.iter().flat_map(|&n| {
         let size = tree.node(n).size;
         let v: Vec<Job> = if small(n) {
             vec![Job::Small { node: n, size }]
         } else {
-            cut(size, tree.segments(n), piece_max)
+            cut(size, tree.segments(n), piece_max(n))
                 .into_iter()
                 .map(|(offset, len)| Job::Piece {
                     node: n,
@@ -270,6 +280,7 @@ pub fn scan(
                 let data = read_bytes(node, 0, size)?;
                 let ram = size.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
                 let digest = sha256(&data);
+                let c = comp(node);
                 let p = c.map(|c| c.inline_payload(&data));
                 let (stored, payload) = match p {
                     Some(p) if (p.len() as u64) < size && p.len() as u64 <= opts.max_inline => (
@@ -305,7 +316,7 @@ pub fn scan(
             Job::Piece { node, offset, len } => {
                 let data = read_bytes(node, offset, len)?;
                 let ram = len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-                if let Some(c) = c {
+                if let Some(c) = comp(node) {
                     let p = c.extent_payload(&data);
                     let disk = (p.len() as u64).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
                     if disk < ram {
@@ -332,7 +343,7 @@ pub fn scan(
         }
     };
     let mut index = ContentIndex {
-        compression: c,
+        compression: opts.compression,
         dedupe: opts.dedupe,
         files: Vec::with_capacity(nodes.len()),
         pieces: Vec::new(),
@@ -345,8 +356,10 @@ pub fn scan(
         shared_bytes: 0,
     };
     let mut current: Option<Current> = None;
-    // Whole-file digests of files stored in pieces (dedupe).
-    let mut seen: HashMap<[u8; 32], u32> = HashMap::new();
+    // Whole-file digests of files stored in pieces (dedupe), apart for
+    // files without checksums: the kernel shares extents only between files
+    // that agree on NODATASUM.
+    let mut seen: HashMap<([u8; 32], bool), u32> = HashMap::new();
     let mut tree_hash = sha2::Sha256::new();
 
     // Closes the file being assembled: with dedupe, a file equal to an
@@ -359,7 +372,7 @@ pub fn scan(
         if !opts.dedupe {
             return Ok(());
         }
-        let d: [u8; 32] = cur.hasher.finalize().into();
+        let d: ([u8; 32], bool) = (cur.hasher.finalize().into(), raw(cur.node));
         match seen.get(&d) {
             None => {
                 seen.insert(d, cur.node);

@@ -129,6 +129,11 @@ pub fn plan_tree(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let inode_flags = std::sync::Arc::new(plan::inode_flags::InodeFlags::resolve(
+        &tree,
+        &opts.inode_flags,
+        &plan::subvol::roots(&tree, &opts.subvolumes)?,
+    )?);
     let index = {
         let reader = source::files::reader(tree.clone());
         content::scan(
@@ -147,6 +152,7 @@ pub fn plan_tree(
                         .tree_of()
                         .to_vec(),
                 },
+                inode_flags,
             },
             pass.progress.unwrap_or(&|_, _| {}),
             sink,

@@ -166,6 +166,46 @@ struct ImageArgs {
     /// (every kernel), xxhash, sha256 or blake2 (Linux 5.5 and later).
     #[arg(long, value_name = "ALGO", default_value = "crc32c")]
     csum: String,
+    /// Filesystem features, as mkfs.btrfs -O (comma separated, repeatable;
+    /// ^FEATURE turns one off): block-group-tree (block groups in a tree of
+    /// their own, which the kernel reads at mount instead of searching the
+    /// extent tree for them; needs Linux 6.1 or later, so off by default).
+    #[arg(short = 'O', long = "features", value_name = "FEATURE[,FEATURE]")]
+    features: Vec<String>,
+    /// Give the inode at PATH (a path in the image; / is its root) the
+    /// flags, a comma list of nodatacow (no data copy-on-write, implies
+    /// nodatasum for files) and nodatasum (no data checksums), as
+    /// mkfs.btrfs --inode-flags (repeatable). A directory passes them to
+    /// everything below it (not into subvolumes); the kernel gives
+    /// nodatacow to what is created in it later. Files with either flag
+    /// are never stored compressed.
+    #[arg(long = "inode-flags", value_name = "FLAGS:PATH")]
+    inode_flags: Vec<String>,
+}
+
+/// The filesystem features `-O` may name (mkfs.btrfs's spelling).
+const FEATURES: [&str; 1] = ["block-group-tree"];
+
+/// Applies `-O` lists in order: each FEATURE turns one on, ^FEATURE off.
+fn parse_features(lists: &[String], opts: &mut Options) -> Result<(), Error> {
+    for list in lists {
+        for item in list.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            let (on, name) = match item.strip_prefix('^') {
+                Some(n) => (false, n),
+                None => (true, item),
+            };
+            match name {
+                "block-group-tree" => opts.block_group_tree = on,
+                _ => {
+                    return Err(Error::msg(format!(
+                    "invalid -O feature '{item}': known features are {} (^FEATURE turns one off)",
+                    FEATURES.join(", ")
+                )))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The checksum algorithm named by `--csum`, spelled as mkfs.btrfs spells it.
@@ -257,7 +297,7 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
             )));
         }
     }
-    Ok(Options {
+    let mut opts = Options {
         nodesize: a.nodesize,
         metadata_dup: matches!(a.metadata, Profile::Dup),
         label: a.label.clone().unwrap_or_default().into_bytes(),
@@ -292,7 +332,14 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
         },
         csum: parse_csum(&a.csum)?,
         ..Options::default()
-    })
+    };
+    parse_features(&a.features, &mut opts)?;
+    opts.inode_flags = a
+        .inode_flags
+        .iter()
+        .map(|s| btrfsimg::plan::inode_flags::InodeFlagsSpec::parse(s))
+        .collect::<Result<_, _>>()?;
+    Ok(opts)
 }
 
 fn sources(root: Option<PathBuf>, a: &ImageArgs) -> Result<Sources, Error> {

@@ -1,7 +1,8 @@
 //! A real guest kernel reads the image: Debian's Linux 6.1 cloud kernel boots
 //! in QEMU with `MNT/fs.img` from `btrfsimg mount` as a read-only virtio disk
 //! (`cache=none`: O_DIRECT reads of the FUSE file), mounts it, lists every
-//! entry and hashes every file; all of it must equal the source. Needs root,
+//! entry and hashes every file; all of it must equal the source (also for a
+//! zstd image and for one with a block-group tree). Needs root,
 //! FUSE, qemu-system-x86, busybox-static and the kernel from
 //! `.ci/guest-kernel`.
 
@@ -28,6 +29,25 @@ fn guest_linux_6_1_reads_a_zstd_image() {
         "guest_linux_6_1_reads_a_zstd_image",
         &["--compress", "zstd"],
         "0b0d0a0e-0011-4000-8000-000000000002",
+    );
+}
+
+/// `-O block-group-tree` (the kernel's feature since 6.1) with
+/// `--inode-flags`: Linux 6.1 finds its block groups in tree 11 and reads
+/// the files without checksums.
+#[test]
+fn guest_linux_6_1_reads_a_block_group_tree_image() {
+    guest_reads(
+        "guest_linux_6_1_reads_a_block_group_tree_image",
+        &[
+            "-O",
+            "block-group-tree",
+            "--inode-flags",
+            "nodatacow:extra/text",
+            "--inode-flags",
+            "nodatasum:extra/owned",
+        ],
+        "0b0d0a0e-0011-4000-8000-000000000003",
     );
 }
 

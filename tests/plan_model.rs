@@ -249,6 +249,100 @@ fn sizes_have_upper_bounds() {
     assert!(e.starts_with("/big2: ") && e.contains("1 PiB"), "{e}");
 }
 
+/// `-O block-group-tree` with 3,000 block groups: they fill a multi-level
+/// block-group tree (every block encoded, keys those of the chunks), the
+/// extent tree holds none of them and shrinks by their leaves, and the
+/// data extents' items stay as they were.
+#[test]
+fn three_tib_with_a_block_group_tree() {
+    use btrfsimg::format::BLOCK_GROUP_ITEM_KEY;
+    const TIB: u64 = 1 << 40;
+    let files: Vec<(Vec<u8>, Entry)> = (0..3)
+        .map(|i| {
+            (
+                format!("part{i}").into_bytes(),
+                Entry::file(TIB, Fill::Zeros),
+            )
+        })
+        .collect();
+    let root = dir_of(files);
+    let plain = plan_generated(&root, &Options::default()).unwrap();
+    let opts = Options {
+        block_group_tree: true,
+        ..Options::default()
+    };
+    let plan = plan_generated(&root, &opts).unwrap();
+    assert!(plan.chunks.len() > 3072, "{}", plan.chunks.len());
+    let bgt = plan.tree(TreeId::BlockGroup);
+    assert!(
+        bgt.shape.levels.len() >= 2,
+        "the block-group tree has a node"
+    );
+    let keys: Vec<(u64, u8, u64)> = bgt
+        .items
+        .iter_from(0)
+        .map(|i| (i.key.objectid, i.key.ty, i.key.offset))
+        .collect();
+    let mut want: Vec<(u64, u8, u64)> = plan
+        .chunks
+        .iter()
+        .map(|c| (c.logical, BLOCK_GROUP_ITEM_KEY, c.length))
+        .collect();
+    want.sort_unstable();
+    assert_eq!(keys, want);
+    let kinds = |p: &Plan, ty: u8| {
+        p.tree(TreeId::Extent)
+            .items
+            .iter_from(0)
+            .filter(|i| i.key.ty == ty)
+            .count()
+    };
+    assert_eq!(kinds(&plan, BLOCK_GROUP_ITEM_KEY), 0);
+    assert_eq!(kinds(&plain, BLOCK_GROUP_ITEM_KEY), plain.chunks.len());
+    // EXTENT_ITEM: the data extents, the same in both.
+    assert_eq!(kinds(&plan, 168), kinds(&plain, 168));
+    let (with, without) = (
+        plan.tree(TreeId::Extent).shape.blocks(),
+        plain.tree(TreeId::Extent).shape.blocks(),
+    );
+    assert!(
+        with < without,
+        "extent tree {with} blocks, {without} without"
+    );
+    assert_eq!(plan.superblock.compat_ro_flags, 0xb);
+    assert_eq!(plain.superblock.compat_ro_flags, 0x3);
+
+    // Every block of the block-group tree encodes, with its owner.
+    let img = Image::new(plan);
+    let p = img.plan();
+    let t = p
+        .trees
+        .iter()
+        .position(|t| t.id == TreeId::BlockGroup)
+        .unwrap() as u16;
+    let mut buf = vec![0u8; 16384];
+    let mut seen = 0;
+    for b in p.blocks.iter().filter(|b| b.tree == t) {
+        let phys = p
+            .regions
+            .iter()
+            .find_map(|r| match r.kind {
+                btrfsimg::plan::space::RegionKind::Metadata { logical }
+                    if logical <= b.logical && b.logical < logical + r.len =>
+                {
+                    Some(r.start + b.logical - logical)
+                }
+                _ => None,
+            })
+            .unwrap();
+        img.read_at(phys, &mut buf).unwrap();
+        assert_eq!(&buf[0x30..0x38], &b.logical.to_le_bytes());
+        assert_eq!(&buf[0x58..0x60], &11u64.to_le_bytes(), "owner");
+        seen += 1;
+    }
+    assert_eq!(seen, p.tree(TreeId::BlockGroup).shape.blocks());
+}
+
 /// 3 TiB of file data in 1 GiB chunks: far more chunks than a fixed SYSTEM
 /// chunk held. The plan is made, the SYSTEM chunk holds the whole chunk tree,
 /// every tree but the csum tree encodes completely, and reading one block

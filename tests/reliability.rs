@@ -286,6 +286,78 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
             &[&"--csum", &"'crc32'", &"crc32c, xxhash, sha256, blake2"],
         ),
         case(
+            "unknown -O feature",
+            &[
+                &e,
+                &src,
+                &o,
+                &out,
+                &"-O",
+                &"block-group-tree,extent-tree-v2",
+            ],
+            &[&"-O", &"'extent-tree-v2'", &"block-group-tree"],
+        ),
+        case(
+            "unknown -O feature turned off, for mount",
+            &[&"mount", &src, &mnt_empty, &"--features", &"^no-holes"],
+            &[
+                &"-O",
+                &"'^no-holes'",
+                &"known features are block-group-tree",
+            ],
+        ),
+        case(
+            "unknown --inode-flags flag",
+            &[
+                &e,
+                &src,
+                &o,
+                &out,
+                &"--inode-flags",
+                &"nodatacow,compress:d",
+            ],
+            &[
+                &"--inode-flags nodatacow,compress:d",
+                &"unknown flag 'compress'",
+                &"nodatacow, nodatasum",
+            ],
+        ),
+        case(
+            "--inode-flags without a path",
+            &[&e, &src, &o, &out, &"--inode-flags", &"nodatacow"],
+            &[&"--inode-flags nodatacow", &"FLAGS:PATH"],
+        ),
+        case(
+            "--inode-flags PATH missing",
+            &[&e, &src, &o, &out, &"--inode-flags", &"nodatacow:d/nosuch"],
+            &[
+                &"/d/nosuch",
+                &"no such file or directory in the image",
+                &"--inode-flags",
+            ],
+        ),
+        case(
+            "--inode-flags PATH through a symlink",
+            &[&e, &src, &o, &out, &"--inode-flags", &"nodatasum:ln/x"],
+            &[&"/ln", &"is a symlink", &"--inode-flags nodatasum:/ln/x"],
+        ),
+        case(
+            "--inode-flags PATH below a file",
+            &[&e, &src, &o, &out, &"--inode-flags", &"nodatasum:a/b"],
+            &[&"/a", &"is not a directory"],
+        ),
+        case(
+            "--inode-flags PATH missing, for mount",
+            &[
+                &"mount",
+                &src,
+                &mnt_empty,
+                &"--inode-flags",
+                &"nodatacow:/nosuch",
+            ],
+            &[&"/nosuch", &"no such file or directory in the image"],
+        ),
+        case(
             "--size beyond 8 EiB",
             &[&e, &src, &o, &out, &"--size", &"9223372036854775808"],
             &[&"--size", &"too large", &"8 EiB"],

@@ -24,6 +24,9 @@ pub const ROOT_TREE_DIR: u64 = 6;
 pub const CSUM_TREE: u64 = 7;
 pub const UUID_TREE: u64 = 9;
 pub const FREE_SPACE_TREE: u64 = 10;
+/// The block-group tree (compat_ro BLOCK_GROUP_TREE): found only through
+/// its ROOT_ITEM in the root tree.
+pub const BLOCK_GROUP_TREE: u64 = 11;
 pub const DATA_RELOC_TREE: u64 = -9i64 as u64;
 pub const EXTENT_CSUM_OBJECTID: u64 = -10i64 as u64;
 pub const DEV_ITEMS_OBJECTID: u64 = 1;
@@ -79,6 +82,9 @@ pub const INCOMPAT_SKINNY_METADATA: u64 = 0x100;
 pub const INCOMPAT_NO_HOLES: u64 = 0x200;
 pub const COMPAT_RO_FREE_SPACE_TREE: u64 = 0x1;
 pub const COMPAT_RO_FREE_SPACE_TREE_VALID: u64 = 0x2;
+/// Every BLOCK_GROUP_ITEM lives in the block-group tree (11), none in the
+/// extent tree. Needs NO_HOLES and FREE_SPACE_TREE; Linux 6.1 and later.
+pub const COMPAT_RO_BLOCK_GROUP_TREE: u64 = 0x8;
 
 /// Header flags of every tree block: WRITTEN plus backref revision 1 (MIXED_BACKREF).
 pub const HEADER_FLAGS: u64 = 0x0100_0000_0000_0001;
@@ -94,6 +100,11 @@ pub const FT_SOCK: u8 = 6;
 pub const FT_SYMLINK: u8 = 7;
 pub const FT_XATTR: u8 = 8;
 
+/// INODE_ITEM flag: the file's data has no checksums.
+pub const INODE_FLAG_NODATASUM: u64 = 0x1;
+/// INODE_ITEM flag: data is overwritten in place (chattr +C); inherited by
+/// what is created in such a directory.
+pub const INODE_FLAG_NODATACOW: u64 = 0x2;
 /// INODE_ITEM flag: new writes to this file are compressed (chattr +c).
 pub const INODE_FLAG_COMPRESS: u64 = 0x800;
 /// Embedded inode flag of a ROOT_ITEM whose flags and byte limit are valid:

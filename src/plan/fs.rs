@@ -33,6 +33,8 @@ pub struct InodePolicy {
     pub otime: Timespec,
     /// Files up to this size are stored inline in the fs tree.
     pub max_inline: u64,
+    /// `--inode-flags`: NODATACOW and NODATASUM per inode.
+    pub flags: Arc<super::inode_flags::InodeFlags>,
 }
 
 const INLINE: u8 = 1;
@@ -499,11 +501,12 @@ impl FsItems {
             rdev: node.rdev(),
             // Files stored compressed keep compressing when a booted system
             // rewrites or appends to them, whatever the mount options say.
+            // Files without checksums are never stored compressed.
             flags: if inode.has(COMPRESSED) {
                 INODE_FLAG_COMPRESS
             } else {
                 0
-            },
+            } | p.flags.inode_flags(&self.tree, self.attr(idx)),
             atime: mtime,
             ctime: mtime,
             mtime,

@@ -1,11 +1,12 @@
 //! The metadata layout: where every tree block goes, found as a fixed point.
 //!
 //! The extent and free-space trees describe every tree block, their own too,
-//! and the chunk and dev trees list the chunks, whose number follows from the
-//! number of blocks; the SYSTEM chunk grows with the chunk tree. So the shapes
-//! of those four trees are guessed, the blocks placed, the four trees built
-//! from the placement and packed again, until nothing changes (two or three
-//! rounds). Everything here is a pure function of its input.
+//! and the chunk and dev trees (and the block-group tree, when there is one)
+//! list the chunks, whose number follows from the number of blocks; the
+//! SYSTEM chunk grows with the chunk tree. So the shapes of those four (or
+//! five) trees are guessed, the blocks placed, the trees built from the
+//! placement and packed again, until nothing changes (two or three rounds).
+//! Everything here is a pure function of its input.
 
 use super::data::DataExtent;
 use super::items::VecItems;
@@ -31,6 +32,9 @@ pub struct LayoutInput<'a> {
     /// The trees whose shapes do not depend on the layout, in allocation order.
     pub fixed: &'a [(TreeId, Shape)],
     pub chunk_tree_uuid: [u8; 16],
+    /// Block groups in a block-group tree of their own rather than in the
+    /// extent tree.
+    pub block_group_tree: bool,
 }
 
 /// The converged layout.
@@ -38,12 +42,15 @@ pub struct Layout {
     /// Every chunk, sorted by logical address: data, metadata, system.
     pub chunks: Vec<Chunk>,
     /// Every tree, in allocation order: the fixed ones, then extent,
-    /// free-space, dev, and the chunk tree (in the SYSTEM chunk).
+    /// free-space, the block-group tree if any, dev, and the chunk tree (in
+    /// the SYSTEM chunk).
     pub trees: Vec<(TreeId, Shape)>,
     /// `addrs[t][level][i]`: logical address of block `i` of that level of tree `t`.
     pub addrs: Vec<Vec<Vec<u64>>>,
     pub extent_items: ExtentItems,
     pub free_space_items: VecItems,
+    /// The block-group tree's items, when block groups have their own tree.
+    pub block_group_items: Option<VecItems>,
     pub dev_items: VecItems,
     /// Physical end of the last chunk stripe.
     pub end: u64,
@@ -65,13 +72,16 @@ pub fn metadata_slack(nodesize: u32, self_trees_blocks: u64) -> u64 {
     global + 20 * unit
 }
 
-/// The four trees the fixed point solves for, in allocation order after the fixed ones.
-const SOLVED: [TreeId; 4] = [
-    TreeId::Extent,
-    TreeId::FreeSpace,
-    TreeId::Dev,
-    TreeId::Chunk,
-];
+/// The trees the fixed point solves for, in allocation order after the
+/// fixed ones (the chunk tree last: it alone goes to the SYSTEM chunk).
+fn solved_trees(block_group_tree: bool) -> Vec<TreeId> {
+    let mut v = vec![TreeId::Extent, TreeId::FreeSpace];
+    if block_group_tree {
+        v.push(TreeId::BlockGroup);
+    }
+    v.extend([TreeId::Dev, TreeId::Chunk]);
+    v
+}
 
 fn ty(base: u64, dup: bool) -> u64 {
     base | if dup { BLOCK_GROUP_DUP } else { 0 }
@@ -79,12 +89,13 @@ fn ty(base: u64, dup: bool) -> u64 {
 
 pub fn solve(input: &LayoutInput) -> Result<Layout> {
     let n64 = input.nodesize as u64;
-    let mut solved: [Shape; 4] = std::array::from_fn(|_| Shape::empty());
+    let solved_ids = solved_trees(input.block_group_tree);
+    let mut solved: Vec<Shape> = solved_ids.iter().map(|_| Shape::empty()).collect();
     let tree_ids: Vec<TreeId> = input
         .fixed
         .iter()
         .map(|(id, _)| *id)
-        .chain(SOLVED)
+        .chain(solved_ids.iter().copied())
         .collect();
     let owners: Arc<[u64]> = tree_ids.iter().map(|t| t.objectid()).collect();
     if tree_ids.len() > u16::MAX as usize {
@@ -110,7 +121,10 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             };
             metadata_slack(
                 input.nodesize,
-                own(TreeId::Extent) + own(TreeId::Csum) + own(TreeId::FreeSpace),
+                own(TreeId::Extent)
+                    + own(TreeId::Csum)
+                    + own(TreeId::FreeSpace)
+                    + own(TreeId::BlockGroup),
             )
         } else {
             0
@@ -180,11 +194,15 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             input.extents,
             input.owners,
             &chunks,
+            !input.block_group_tree,
             &owners,
             input.nodesize,
         );
         let free_space_items =
             trees::free_space_tree(&blocks, input.extents, &chunks, input.nodesize);
+        let block_group_items = input
+            .block_group_tree
+            .then(|| trees::block_group_tree(&chunks));
         let dev_items = trees::dev_tree(&chunks, input.chunk_tree_uuid);
         let chunk_items = trees::chunk_tree(DevItem::default(), &chunks);
         let internal = |t: TreeId| {
@@ -197,12 +215,17 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
                 ))
             }
         };
-        let new = [
+        let mut new = vec![
             pack(&extent_items, input.nodesize).map_err(internal(TreeId::Extent))?,
             pack(&free_space_items, input.nodesize).map_err(internal(TreeId::FreeSpace))?,
+        ];
+        if let Some(items) = &block_group_items {
+            new.push(pack(items, input.nodesize).map_err(internal(TreeId::BlockGroup))?);
+        }
+        new.extend([
             pack(&dev_items, input.nodesize).map_err(internal(TreeId::Dev))?,
             pack(&chunk_items, input.nodesize).map_err(internal(TreeId::Chunk))?,
-        ];
+        ]);
         if new != solved {
             solved = new;
             continue;
@@ -211,7 +234,7 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             .fixed
             .iter()
             .cloned()
-            .chain(SOLVED.into_iter().zip(solved))
+            .chain(solved_ids.into_iter().zip(solved))
             .collect();
         return Ok(Layout {
             chunks,
@@ -219,6 +242,7 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             addrs,
             extent_items,
             free_space_items,
+            block_group_items,
             dev_items,
             end,
         });

@@ -9,6 +9,7 @@
 
 pub mod data;
 pub mod fs;
+pub mod inode_flags;
 pub mod items;
 pub mod layout;
 pub mod limits;
@@ -65,6 +66,11 @@ pub struct Options {
     pub subvolumes: Vec<subvol::SubvolSpec>,
     /// The checksum algorithm of the superblock, tree blocks and data.
     pub csum: CsumType,
+    /// Block groups in a tree of their own (`-O block-group-tree`, compat_ro
+    /// BLOCK_GROUP_TREE) rather than in the extent tree; Linux 6.1 and later.
+    pub block_group_tree: bool,
+    /// `--inode-flags`: inodes without data copy-on-write or checksums.
+    pub inode_flags: Vec<inode_flags::InodeFlagsSpec>,
 }
 
 impl Default for Options {
@@ -84,6 +90,8 @@ impl Default for Options {
             dedupe: false,
             subvolumes: Vec::new(),
             csum: CsumType::Crc32c,
+            block_group_tree: false,
+            inode_flags: Vec::new(),
         }
     }
 }
@@ -141,6 +149,8 @@ pub struct Plan {
     /// Logical start of the data area; data sector `i` is at `data_start + i * 4096`.
     pub data_start: u64,
     pub data_sectors: u64,
+    /// `--inode-flags`, resolved: which inodes are NODATACOW or NODATASUM.
+    pub inode_flags: Arc<inode_flags::InodeFlags>,
 }
 
 impl Plan {
@@ -423,12 +433,18 @@ pub fn build_with(
         log::warn!("{w}");
     }
     let part = Arc::new(part);
+    let flags = Arc::new(inode_flags::InodeFlags::resolve(
+        &tree,
+        &opts.inode_flags,
+        &subvol::roots(&tree, &opts.subvolumes)?,
+    )?);
     let hash_order = fs::hash_order(&tree);
     let policy = InodePolicy {
         generation: g,
         owner: opts.owner,
         otime: time,
         max_inline: max_inline(opts),
+        flags: flags.clone(),
     };
     let mut fs_trees: Vec<FsItems> = (0..part.subvols.len())
         .map(|s| {
@@ -445,6 +461,15 @@ pub fn build_with(
         .collect::<Result<_>>()?;
     drop(hash_order);
     let data = place_data(&tree, &fs_trees, content.as_deref(), opts)?;
+    if data
+        .extents
+        .iter()
+        .any(|e| e.algorithm.is_some() && flags.nodatasum(&tree, e.node))
+    {
+        return Err(Error::msg(
+            "internal error: the content pass compressed a file without checksums",
+        ));
+    }
     let ranges = shared_ranges(
         &data.extents,
         fs_trees.iter().flat_map(|t| t.shared_sources()),
@@ -465,7 +490,9 @@ pub fn build_with(
             pack_input(t, nodesize, |o| t.oversized(o, nodesize))?,
         ));
     }
-    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize, opts.csum);
+    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize, opts.csum, &|n| {
+        flags.nodatasum(&tree, n)
+    });
     let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize)?;
     let uuid_items = trees::uuid_tree(
         &part
@@ -483,6 +510,9 @@ pub fn build_with(
         TreeId::FreeSpace,
         TreeId::DataReloc,
     ]);
+    if opts.block_group_tree {
+        rooted.push(TreeId::BlockGroup);
+    }
     let root_items = |infos: &[(TreeId, trees::RootInfo)]| {
         root_tree(opts, ids.fs_tree, infos, &subvols, default_subvol)
     };
@@ -514,6 +544,7 @@ pub fn build_with(
         owners: &owners,
         fixed: &fixed,
         chunk_tree_uuid: ids.chunk_tree,
+        block_group_tree: opts.block_group_tree,
     })?;
 
     // The image's size.
@@ -554,6 +585,7 @@ pub fn build_with(
         uuid_items,
         reloc_items,
         rooted,
+        flags,
     })
 }
 
@@ -595,6 +627,7 @@ struct Assembly<'a> {
     uuid_items: items::VecItems,
     reloc_items: items::VecItems,
     rooted: Vec<TreeId>,
+    flags: Arc<inode_flags::InodeFlags>,
 }
 
 /// Builds the trees that point at final addresses (chunk, root), the
@@ -669,6 +702,9 @@ fn assemble(a: Assembly) -> Result<Plan> {
         (TreeId::Dev, Box::new(lay.dev_items)),
         (TreeId::Chunk, Box::new(chunk_items)),
     ]);
+    if let Some(items) = lay.block_group_items {
+        sources.push((TreeId::BlockGroup, Box::new(items)));
+    }
     let mut trees: Vec<TreePlan> = Vec::with_capacity(lay.trees.len());
     for ((id, shape), addrs) in lay.trees.into_iter().zip(lay.addrs) {
         let k = sources
@@ -719,7 +755,13 @@ fn assemble(a: Assembly) -> Result<Plan> {
         bytes_used: chunks.iter().map(|c| c.used).sum(),
         sectorsize: SECTOR_SIZE as u32,
         nodesize,
-        compat_ro_flags: COMPAT_RO_FREE_SPACE_TREE | COMPAT_RO_FREE_SPACE_TREE_VALID,
+        compat_ro_flags: COMPAT_RO_FREE_SPACE_TREE
+            | COMPAT_RO_FREE_SPACE_TREE_VALID
+            | if a.opts.block_group_tree {
+                COMPAT_RO_BLOCK_GROUP_TREE
+            } else {
+                0
+            },
         incompat_flags: INCOMPAT_MIXED_BACKREF
             | if a.default_subvol.is_some() {
                 INCOMPAT_DEFAULT_SUBVOL
@@ -766,5 +808,6 @@ fn assemble(a: Assembly) -> Result<Plan> {
         total_bytes: a.total_bytes,
         data_start: space::DATA_START,
         data_sectors: (a.data.end - space::DATA_START) / SECTOR_SIZE,
+        inode_flags: a.flags,
     })
 }

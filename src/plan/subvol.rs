@@ -35,7 +35,7 @@ pub struct SubvolSpec {
 
 /// Splits `p` into its components, refusing empty, `.`, `..` and over-long
 /// ones (`what` names the argument in errors).
-fn components<'a>(p: &'a [u8], what: &str) -> Result<Vec<&'a [u8]>> {
+pub(crate) fn components<'a>(p: &'a [u8], what: &str) -> Result<Vec<&'a [u8]>> {
     let parts: Vec<&[u8]> = p.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
     for c in &parts {
         if *c == b"." || *c == b".." {
@@ -226,6 +226,16 @@ fn lookup(tree: &SourceTree, spec: &SubvolSpec) -> Result<u32> {
         cur = c;
     }
     Ok(cur)
+}
+
+/// The root directories of the subvolumes of `specs` in `tree`, sorted.
+pub fn roots(tree: &SourceTree, specs: &[SubvolSpec]) -> Result<Vec<u32>> {
+    let mut roots: Vec<u32> = specs
+        .iter()
+        .map(|s| lookup(tree, s))
+        .collect::<Result<_>>()?;
+    roots.sort_unstable();
+    Ok(roots)
 }
 
 /// Finds every subvolume of `specs` in `tree` (the top-level view), gives ids

@@ -16,6 +16,8 @@ pub enum TreeId {
     Uuid,
     FreeSpace,
     DataReloc,
+    /// The block-group tree (11, `-O block-group-tree`).
+    BlockGroup,
 }
 
 impl TreeId {
@@ -31,6 +33,7 @@ impl TreeId {
             TreeId::Uuid => UUID_TREE,
             TreeId::FreeSpace => FREE_SPACE_TREE,
             TreeId::DataReloc => DATA_RELOC_TREE,
+            TreeId::BlockGroup => BLOCK_GROUP_TREE,
         }
     }
 
@@ -46,6 +49,7 @@ impl TreeId {
             TreeId::Uuid => "uuid".into(),
             TreeId::FreeSpace => "free-space".into(),
             TreeId::DataReloc => "data-reloc".into(),
+            TreeId::BlockGroup => "block-group".into(),
         }
     }
 
@@ -74,5 +78,8 @@ mod tests {
         assert!(TreeId::Chunk.in_system_chunk());
         assert!(!TreeId::Root.has_root_item());
         assert!(TreeId::Csum.has_root_item());
+        assert_eq!(TreeId::BlockGroup.objectid(), 11);
+        assert!(TreeId::BlockGroup.has_root_item());
+        assert!(!TreeId::BlockGroup.in_system_chunk());
     }
 }

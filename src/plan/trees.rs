@@ -263,12 +263,14 @@ pub struct CsumItems {
 
 /// Builds the csum items of `extents` (sorted by address) in `chunks`: as
 /// many checksums per item as the kernel puts there for this node size and
-/// checksum size.
+/// checksum size. The extents of files `nodatasum` names (NODATASUM) have
+/// none.
 pub fn csum_tree(
     extents: &[DataExtent],
     chunks: &[Chunk],
     nodesize: u32,
     csum: CsumType,
+    nodatasum: &dyn Fn(u32) -> bool,
 ) -> CsumItems {
     let per_item = max_csums_per_item(nodesize, csum) as u64 * SECTOR_SIZE;
     let mut sorted: Vec<&Chunk> = chunks.iter().collect();
@@ -281,7 +283,7 @@ pub fn csum_tree(
         c
     };
     let mut runs: Vec<(u64, u64, usize)> = Vec::new();
-    for e in extents {
+    for e in extents.iter().filter(|e| !nodatasum(e.node)) {
         let chunk = chunk_of(e.logical);
         match runs.last_mut() {
             Some((s, len, ch)) if *s + *len == e.logical && *ch == chunk => *len += e.size(),
@@ -486,13 +488,15 @@ impl ItemSource for ExtentItems {
     }
 }
 
-/// The extent tree: every tree block, data extent and block group.
-/// `trees[b.owner]` is the object id of block `b`'s tree.
+/// The extent tree: every tree block, data extent and (without a
+/// block-group tree, `groups`) block group. `trees[b.owner]` is the object
+/// id of block `b`'s tree.
 pub fn extent_tree(
     blocks: &[BlockInfo],
     extents: &Arc<Vec<DataExtent>>,
     owners: &Arc<dyn ExtentOwners>,
     chunks: &[Chunk],
+    groups: bool,
     trees: &Arc<[u64]>,
     nodesize: u32,
 ) -> ExtentItems {
@@ -510,7 +514,9 @@ pub fn extent_tree(
             recs.extend((0..keyed.len() as u32).map(|k| ExtentRec::DataRef { e: i, k }));
         }
     }
-    recs.extend((0..chunks.len() as u32).map(ExtentRec::Group));
+    if groups {
+        recs.extend((0..chunks.len() as u32).map(ExtentRec::Group));
+    }
     let mut items = ExtentItems {
         recs: Vec::new(),
         extents: extents.clone(),
@@ -522,6 +528,25 @@ pub fn extent_tree(
     recs.sort_unstable_by_key(|r| items.key(r));
     items.recs = recs;
     items
+}
+
+/// The block-group tree (`-O block-group-tree`): every BLOCK_GROUP_ITEM,
+/// the same bodies the extent tree holds without it, in key order.
+pub fn block_group_tree(chunks: &[Chunk]) -> VecItems {
+    let mut sorted: Vec<&Chunk> = chunks.iter().collect();
+    sorted.sort_by_key(|c| c.logical);
+    VecItems(
+        sorted
+            .into_iter()
+            .map(|c| Item {
+                key: Key::new(c.logical, BLOCK_GROUP_ITEM_KEY, c.length),
+                body: Body::BlockGroup {
+                    used: c.used,
+                    flags: c.ty,
+                },
+            })
+            .collect(),
+    )
 }
 
 /// Free-space tree: for every block group, the maximal ranges not covered by a
@@ -600,7 +625,9 @@ mod tests {
         ];
         for csum in CsumType::ALL {
             let per = max_csums_per_item(16384, csum) as u64;
-            let items = csum_tree(&extents, std::slice::from_ref(&chunk), 16384, csum);
+            let items = csum_tree(&extents, std::slice::from_ref(&chunk), 16384, csum, &|_| {
+                false
+            });
             assert_eq!(items.count(), 10_000u64.div_ceil(per), "{csum:?}");
             let mut next = 1u64 << 20;
             let mut total = 0;

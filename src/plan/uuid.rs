@@ -58,6 +58,15 @@ pub fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
         h.update(b"csum");
         h.update(opts.csum.code().to_le_bytes());
     }
+    // Likewise: images without a block-group tree keep their UUIDs.
+    if opts.block_group_tree {
+        h.update(b"block-group-tree");
+    }
+    for f in &opts.inode_flags {
+        h.update(b"inode-flags");
+        field(&mut h, &f.path);
+        h.update([f.nodatacow as u8, f.nodatasum as u8]);
+    }
     match opts.owner {
         Some((u, g)) => {
             h.update([1]);

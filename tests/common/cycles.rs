@@ -195,9 +195,15 @@ pub fn assert_reproducible(src: &Path, extra_args: &[&str]) {
 /// finds every file as written. For compressed images: writes into and
 /// after compressed extents, and balance moving them.
 pub fn rw_cycle_rewrite(img: &Path, targets: &[&str]) {
-    use sha2::{Digest, Sha256};
     let work = workdir("rw-rewrite");
-    let copy = copy_image(img, work.path(), "rw.img");
+    rw_cycle_rewrite_in(img, targets, work.path());
+}
+
+/// `rw_cycle_rewrite` on a copy made in `dir`, which is left there (and
+/// returned) for the caller to look at.
+pub fn rw_cycle_rewrite_in(img: &Path, targets: &[&str], dir: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let copy = copy_image(img, dir, "rw.img");
     let f = OpenOptions::new().write(true).open(&copy).unwrap();
     f.set_len(f.metadata().unwrap().len() + 256 * MIB).unwrap();
     drop(f);
@@ -252,4 +258,5 @@ pub fn rw_cycle_rewrite(img: &Path, targets: &[&str]) {
     }
     assert!(!m.path().join(&deleted).exists());
     m.unmount();
+    copy
 }

@@ -286,23 +286,27 @@ fn options() -> impl Strategy<Value = Options> {
             1 => Just(CsumType::Sha256),
             1 => Just(CsumType::Blake2),
         ],
+        proptest::bool::weighted(0.25),
     )
         .prop_map(
-            |(nodesize, dup, slack, max_inline, owner, label, compress, dedupe, csum)| Options {
-                dedupe,
-                csum,
-                compression: compress.and_then(|c| {
-                    btrfsimg::compress::Compression::parse(&c).expect("valid spelling")
-                }),
-                nodesize,
-                metadata_dup: dup,
-                rw_slack: slack,
-                max_inline,
-                owner,
-                label,
-                fsid: Some([0x5a; 16]),
-                timestamp: 1_700_000_000,
-                ..Options::default()
+            |(nodesize, dup, slack, max_inline, owner, label, compress, dedupe, csum, bgt)| {
+                Options {
+                    dedupe,
+                    csum,
+                    block_group_tree: bgt,
+                    compression: compress.and_then(|c| {
+                        btrfsimg::compress::Compression::parse(&c).expect("valid spelling")
+                    }),
+                    nodesize,
+                    metadata_dup: dup,
+                    rw_slack: slack,
+                    max_inline,
+                    owner,
+                    label,
+                    fsid: Some([0x5a; 16]),
+                    timestamp: 1_700_000_000,
+                    ..Options::default()
+                }
             },
         )
 }
@@ -316,8 +320,9 @@ pub fn spec() -> impl Strategy<Value = Spec> {
         vec(adversity(), 0..3),
         proptest::option::weighted(0.05, (any::<usize>(), 0usize..4)),
         proptest::option::weighted(0.2, vec((any::<prop::sample::Index>(), 0u8..4), 1..4)),
+        proptest::option::weighted(0.2, vec((any::<prop::sample::Index>(), 0u8..3), 1..4)),
     )
-        .prop_map(|(opts, meta, kids, adv, extref, subvols)| {
+        .prop_map(|(opts, meta, kids, adv, extref, subvols, flags)| {
             let mut root = Entry {
                 meta,
                 content: Content::Dir(kids),
@@ -337,8 +342,43 @@ pub fn spec() -> impl Strategy<Value = Spec> {
                     spec.opts.subvolumes = subvolume_picks(&spec.root, &picks);
                 }
             }
+            if let Some(picks) = flags {
+                spec.opts.inode_flags = inode_flag_picks(&spec.root, &picks);
+            }
             spec
         })
+}
+
+/// `--inode-flags` specs for the entries `picks` selects (the root
+/// included, symlinks not: kind 0 nodatacow, 1 nodatasum, 2 both).
+fn inode_flag_picks(
+    root: &Entry,
+    picks: &[(prop::sample::Index, u8)],
+) -> Vec<btrfsimg::plan::inode_flags::InodeFlagsSpec> {
+    let mut entries: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut q: VecDeque<(Vec<Vec<u8>>, &Entry)> = VecDeque::from([(Vec::new(), root)]);
+    while let Some((p, e)) = q.pop_front() {
+        match &e.content {
+            Content::Dir(kids) => {
+                for (n, k) in kids {
+                    let mut c = p.clone();
+                    c.push(n.clone());
+                    q.push_back((c, k));
+                }
+            }
+            Content::Symlink(_) => continue,
+            _ => {}
+        }
+        entries.push(p);
+    }
+    picks
+        .iter()
+        .map(|(i, kind)| btrfsimg::plan::inode_flags::InodeFlagsSpec {
+            path: entries[i.index(entries.len())].join(&b'/'),
+            nodatacow: *kind != 1,
+            nodatasum: *kind != 0,
+        })
+        .collect()
 }
 
 /// Subvolume specs for the directories `picks` selects (kind: 0 rw, 1 ro,
@@ -793,6 +833,9 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
         }
     }
     let mut seen = 0usize;
+    // BLOCK_GROUP_ITEMs found in each tree, and the data ranges csum items cover.
+    let mut groups: BTreeMap<TreeId, usize> = BTreeMap::new();
+    let mut csummed: Vec<(u64, u64)> = Vec::new();
     for t in &p.trees {
         let root = t.root();
         let mut last: Option<Key> = None;
@@ -840,6 +883,22 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
                     if t.id == TreeId::Csum {
                         check_csum_item(&img, key, &b[off..off + size])
                             .map_err(|e| format!("csum item {key:?} at {logical}: {e}"))?;
+                        let sectors = (size / p.csum_type.size()) as u64;
+                        csummed.push((key.offset, key.offset + sectors * 4096));
+                    }
+                    if key.ty == btrfsimg::format::BLOCK_GROUP_ITEM_KEY {
+                        *groups.entry(t.id).or_default() += 1;
+                    }
+                    // No inode is both COMPRESS and NODATASUM (the kernel
+                    // compresses no file without checksums).
+                    if matches!(t.id, TreeId::Fs(_))
+                        && key.ty == btrfsimg::format::INODE_ITEM_KEY
+                        && u64_at(&b, off + 64) & 0x801 == 0x801
+                    {
+                        return Err(format!(
+                            "{name}: inode {} is COMPRESS and NODATASUM",
+                            key.objectid
+                        ));
                     }
                 }
                 items += n as u64;
@@ -874,6 +933,52 @@ pub fn verify_encoding(plan: Plan) -> Result<(), String> {
             "{seen} blocks reachable, {} planned",
             p.blocks.len()
         ));
+    }
+    // Every block group once: in the block-group tree when there is one
+    // (and the superblock says so), otherwise in the extent tree.
+    let bgt = p.trees.iter().any(|t| t.id == TreeId::BlockGroup);
+    let home = if bgt {
+        TreeId::BlockGroup
+    } else {
+        TreeId::Extent
+    };
+    let want: BTreeMap<TreeId, usize> = [(home, p.chunks.len())].into();
+    if groups != want {
+        return Err(format!("block group items {groups:?}, expected {want:?}"));
+    }
+    if (p.superblock.compat_ro_flags & btrfsimg::format::COMPAT_RO_BLOCK_GROUP_TREE != 0) != bgt {
+        return Err("compat_ro BLOCK_GROUP_TREE disagrees with the trees".into());
+    }
+    // Csum items cover exactly the data of files with checksums.
+    let nodatasum =
+        |e: &btrfsimg::plan::data::DataExtent| p.inode_flags.nodatasum(&p.source, e.node);
+    csummed.sort_unstable();
+    let covered: u64 = csummed.iter().map(|(a, b)| b - a).sum();
+    let want_covered: u64 = p
+        .extents
+        .iter()
+        .filter(|e| !nodatasum(e))
+        .map(|e| e.size())
+        .sum();
+    if covered != want_covered {
+        return Err(format!(
+            "csum items cover {covered} bytes, files with checksums have {want_covered}"
+        ));
+    }
+    for e in p.extents.iter().filter(|e| nodatasum(e)) {
+        if e.algorithm.is_some() {
+            return Err(format!(
+                "extent at {} of a NODATASUM file is compressed",
+                e.logical
+            ));
+        }
+        let i = csummed.partition_point(|r| r.1 <= e.logical);
+        if csummed.get(i).is_some_and(|r| r.0 < e.end()) {
+            return Err(format!(
+                "extent at {} of a NODATASUM file has checksums",
+                e.logical
+            ));
+        }
     }
     // Every compressed extent decodes to the file bytes it stands for.
     if let Some(c) = &p.content {
