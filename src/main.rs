@@ -531,13 +531,17 @@ fn run(cli: Cli) -> Result<(), Error> {
             let start = std::time::Instant::now();
             let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal(), 0, None)?;
             let secs = start.elapsed().as_secs_f64();
-            if bytes {
-                println!("{}", plan.total_bytes);
-            } else {
-                print!("{}", plan.summary());
-                println!("planned in {secs:.3} s");
+            let text = match bytes {
+                true => format!("{}\n", plan.total_bytes),
+                false => format!("{}planned in {secs:.3} s\n", plan.summary()),
+            };
+            // A reader that stops early (`| head`) is not an error.
+            match io::Write::write_all(&mut io::stdout().lock(), text.as_bytes()) {
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                    Err(Error::io(std::path::Path::new("stdout"), e))
+                }
+                _ => Ok(()),
             }
-            Ok(())
         }
         Cmd::Mount {
             mut paths,

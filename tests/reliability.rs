@@ -1610,3 +1610,28 @@ fn progress_moves_while_compressing() {
     let decoded = zstd::stream::decode_all(File::open(&out).unwrap()).unwrap();
     assert!(decoded.len() > 40 << 20, "{}", decoded.len());
 }
+
+/// `btrfsimg plan … | head` where the reader is gone before the summary is
+/// written: no panic, no error message, exit 0.
+#[test]
+fn plan_to_a_closed_pipe_is_quiet() {
+    let work = workdir("plan-pipe");
+    let src = work.path().join("src");
+    TreeBuilder::new(&src).file(b"a", b"a").finalize();
+    let mut child = Command::new(btrfsimg_bin())
+        .arg("plan")
+        .arg(&src)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.is_empty(),
+        "{:?}: {err}",
+        o.status
+    );
+}
