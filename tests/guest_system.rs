@@ -2,7 +2,8 @@
 //! in QEMU with `MNT/fs.img` from `btrfsimg mount` as a read-only virtio disk
 //! (`cache=none`: O_DIRECT reads of the FUSE file), mounts it, lists every
 //! entry and hashes every file; all of it must equal the source (also for a
-//! zstd image and for one with a block-group tree). Needs root,
+//! zstd image, for one with a block-group tree, and for subvolumes mounted
+//! as a system would mount them). Needs root,
 //! FUSE, qemu-system-x86, busybox-static and the kernel from
 //! `.ci/guest-kernel`.
 
@@ -51,7 +52,32 @@ fn guest_linux_6_1_reads_a_block_group_tree_image() {
     );
 }
 
+/// Subvolumes in the mount-view form: Linux 6.1 mounts the default one
+/// (`@`) without options and `subvol=@extra` on its `extra` mountpoint, as a
+/// system's fileSystems would; together they are the source.
+#[test]
+fn guest_linux_6_1_mounts_subvolumes() {
+    let script = LIST_AND_HASH
+        .replacen(
+            "mount -t btrfs -o ro /dev/vda /mnt || exit 1\n",
+            "mount -t btrfs -o ro /dev/vda /mnt || exit 1\n\
+         mount -t btrfs -o ro,subvol=@extra /dev/vda /mnt/extra || exit 1\n",
+            1,
+        )
+        .replacen("umount /mnt", "umount /mnt/extra\numount /mnt", 1);
+    guest_reads_with(
+        "guest_linux_6_1_mounts_subvolumes",
+        &["--subvol", "default:@=/", "--subvol", "@extra=/extra"],
+        "0b0d0a0e-0011-4000-8000-000000000004",
+        &script,
+    );
+}
+
 fn guest_reads(what: &str, extra: &[&str], uuid: &'static str) {
+    guest_reads_with(what, extra, uuid, LIST_AND_HASH)
+}
+
+fn guest_reads_with(what: &str, extra: &[&str], uuid: &'static str, script: &str) {
     if !fuse_available(what) {
         return;
     }
@@ -82,7 +108,7 @@ fn guest_reads(what: &str, extra: &[&str], uuid: &'static str) {
         "file={},format=raw,readonly=on,cache=none",
         m.img().display()
     );
-    let out = guest.run(&drive, LIST_AND_HASH, Duration::from_secs(300));
+    let out = guest.run(&drive, script, Duration::from_secs(300));
     assert!(m.stop(libc::SIGTERM).success());
     let (got, want) = (guest_listing(&out), expected_listing(&src));
     let missing: Vec<_> = want.iter().filter(|l| !got.contains(l)).take(10).collect();
