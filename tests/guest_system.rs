@@ -57,14 +57,7 @@ fn guest_linux_6_1_reads_a_block_group_tree_image() {
 /// system's fileSystems would; together they are the source.
 #[test]
 fn guest_linux_6_1_mounts_subvolumes() {
-    let script = LIST_AND_HASH
-        .replacen(
-            "mount -t btrfs -o ro /dev/vda /mnt || exit 1\n",
-            "mount -t btrfs -o ro /dev/vda /mnt || exit 1\n\
-         mount -t btrfs -o ro,subvol=@extra /dev/vda /mnt/extra || exit 1\n",
-            1,
-        )
-        .replacen("umount /mnt", "umount /mnt/extra\numount /mnt", 1);
+    let script = subvolume_script();
     guest_reads_with(
         "guest_linux_6_1_mounts_subvolumes",
         &["--subvol", "default:@=/", "--subvol", "@extra=/extra"],
@@ -73,17 +66,71 @@ fn guest_linux_6_1_mounts_subvolumes() {
     );
 }
 
+/// Linux 5.10 (bullseye's), the oldest kernel the default images are for,
+/// reads them: plain, with zstd extents (frames of 128 KiB windows), and the
+/// mount-view subvolumes with xxhash checksums (5.5+).
+#[test]
+fn guest_linux_5_10_reads_default_zstd_and_subvolume_images() {
+    let what = "guest_linux_5_10_reads_default_zstd_and_subvolume_images";
+    let Some(guest) = guest_5_10_available(what) else {
+        return;
+    };
+    let subvols = subvolume_script();
+    for (extra, uuid, script) in [
+        (
+            &[][..],
+            "0b0d0a0e-0011-4000-8000-000000000510",
+            LIST_AND_HASH,
+        ),
+        (
+            &["--compress", "zstd"][..],
+            "0b0d0a0e-0011-4000-8000-000000000511",
+            LIST_AND_HASH,
+        ),
+        (
+            &[
+                "--subvol",
+                "default:@=/",
+                "--subvol",
+                "@extra=/extra",
+                "--csum",
+                "xxhash",
+            ][..],
+            "0b0d0a0e-0011-4000-8000-000000000512",
+            subvols.as_str(),
+        ),
+    ] {
+        guest_reads_on(&guest, what, extra, uuid, script);
+    }
+}
+
+/// LIST_AND_HASH with `@extra` mounted on its mountpoint.
+fn subvolume_script() -> String {
+    LIST_AND_HASH
+        .replacen(
+            "mount -t btrfs -o ro /dev/vda /mnt || exit 1\n",
+            "mount -t btrfs -o ro /dev/vda /mnt || exit 1\n\
+             mount -t btrfs -o ro,subvol=@extra /dev/vda /mnt/extra || exit 1\n",
+            1,
+        )
+        .replacen("umount /mnt", "umount /mnt/extra\numount /mnt", 1)
+}
+
 fn guest_reads(what: &str, extra: &[&str], uuid: &'static str) {
     guest_reads_with(what, extra, uuid, LIST_AND_HASH)
 }
 
 fn guest_reads_with(what: &str, extra: &[&str], uuid: &'static str, script: &str) {
-    if !fuse_available(what) {
-        return;
-    }
     let Some(guest) = guest_available(what) else {
         return;
     };
+    guest_reads_on(&guest, what, extra, uuid, script)
+}
+
+fn guest_reads_on(guest: &Guest, what: &str, extra: &[&str], uuid: &'static str, script: &str) {
+    if !fuse_available(what) {
+        return;
+    }
     let work = workdir("guest-read");
     let src = work.path().join("src");
     fuse_test_tree(&src);

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 /// Where `.ci/guest-kernel` unpacks the kernel package (or `$BTRFSIMG_GUEST_KERNEL`).
 pub const GUEST_KERNEL_ENV: &str = "BTRFSIMG_GUEST_KERNEL";
 pub const DEFAULT_GUEST_KERNEL: &str = "/var/cache/btrfsimg/linux-6.1";
+/// The oldest kernel btrfsimg's default images are for: bullseye's 5.10.
+pub const GUEST_KERNEL_5_10_ENV: &str = "BTRFSIMG_GUEST_KERNEL_5_10";
+pub const DEFAULT_GUEST_KERNEL_5_10: &str = "/var/cache/btrfsimg/linux-5.10";
 
 const BEGIN: &str = "BTRFSIMG-GUEST-BEGIN";
 const END: &str = "BTRFSIMG-GUEST-END";
@@ -26,14 +29,34 @@ pub struct Guest {
     modules: PathBuf,
 }
 
-/// The guest kernel, or a loud skip (a failure under REQUIRE) saying how to get it.
+/// The Linux 6.1 guest kernel, or a loud skip (a failure under REQUIRE)
+/// saying how to get it.
 pub fn guest_available(what: &str) -> Option<Guest> {
+    guest_kernel(
+        what,
+        GUEST_KERNEL_ENV,
+        DEFAULT_GUEST_KERNEL,
+        "6.",
+        ".ci/guest-kernel",
+    )
+}
+
+/// The Linux 5.10 guest kernel (bullseye's), likewise.
+pub fn guest_5_10_available(what: &str) -> Option<Guest> {
+    guest_kernel(
+        what,
+        GUEST_KERNEL_5_10_ENV,
+        DEFAULT_GUEST_KERNEL_5_10,
+        "5.10.",
+        ".ci/guest-kernel /var/cache/btrfsimg/linux-5.10 bullseye",
+    )
+}
+
+fn guest_kernel(what: &str, env: &str, default: &str, version: &str, how: &str) -> Option<Guest> {
     if !tools_available(what, &["qemu-system-x86_64", "busybox", "modinfo"]) {
         return None;
     }
-    let root = PathBuf::from(
-        std::env::var(GUEST_KERNEL_ENV).unwrap_or_else(|_| DEFAULT_GUEST_KERNEL.to_string()),
-    );
+    let root = PathBuf::from(std::env::var(env).unwrap_or_else(|_| default.to_string()));
     let find = |dir: &Path, prefix: &str| {
         fs::read_dir(dir).ok().and_then(|rd| {
             rd.flatten()
@@ -47,14 +70,14 @@ pub fn guest_available(what: &str) -> Option<Guest> {
         })
     };
     let vmlinuz = find(&root.join("boot"), "vmlinuz-");
-    let modules = find(&root.join("lib/modules"), "6.");
+    let modules = find(&root.join("lib/modules"), version);
     match (vmlinuz, modules) {
         (Some(vmlinuz), Some(modules)) => Some(Guest { vmlinuz, modules }),
         _ => {
             skip_or_panic(
                 what,
                 &format!(
-                    "no guest kernel in {} (run .ci/guest-kernel, or set {GUEST_KERNEL_ENV})",
+                    "no Linux {version}x guest kernel in {} (run {how}, or set {env})",
                     root.display()
                 ),
             );
@@ -125,7 +148,14 @@ impl Guest {
         }
         fs::copy(tool("busybox"), root.join("bin/busybox")).unwrap();
         let mut loads = String::new();
-        for m in self.load_order(&["virtio_pci", "virtio_blk", "btrfs"]) {
+        // The checksum algorithms' crypto modules too (built in where absent).
+        for m in self.load_order(&[
+            "virtio_pci",
+            "virtio_blk",
+            "btrfs",
+            "xxhash_generic",
+            "blake2b_generic",
+        ]) {
             let name = m.file_name().unwrap();
             fs::copy(&m, root.join("lib/modules").join(name)).unwrap();
             loads.push_str(&format!(
