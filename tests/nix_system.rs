@@ -1002,12 +1002,12 @@ fn nix_make_btrfs_fs_builds_the_cli_image() {
         let r = sysroot.path().canonicalize().unwrap();
         let mut mounts = Vec::new();
         if attr == "subvols" {
-            mounts.push(mount_at(&built, &r, "loop,ro"));
-            mounts.push(mount_at(&built, &r.join("nix"), "loop,ro,subvol=@nix"));
+            mounts.push(MountAt::new(&built, &r, "loop,ro"));
+            mounts.push(MountAt::new(&built, &r.join("nix"), "loop,ro,subvol=@nix"));
             assert_eq!(sorted_names(&r), ["boot", "etc", "nix"]);
         } else {
             fs::create_dir(r.join("nix")).unwrap();
-            mounts.push(mount_at(&built, &r.join("nix"), "loop,ro"));
+            mounts.push(MountAt::new(&built, &r.join("nix"), "loop,ro"));
         }
         assert_eq!(
             sorted_names(&r.join("nix")),
@@ -1024,26 +1024,6 @@ fn nix_make_btrfs_fs_builds_the_cli_image() {
         round_trip(&r, rt.path(), &c, &reg);
         while let Some(m) = mounts.pop() {
             drop(m);
-        }
-    }
-}
-
-/// A mount at `at` undone when dropped.
-struct MountedAt(PathBuf);
-
-fn mount_at(img: &Path, at: &Path, options: &str) -> MountedAt {
-    let o = run(Command::new(tool("mount"))
-        .args(["-t", "btrfs", "-o", options])
-        .arg(img)
-        .arg(at));
-    assert!(o.status.success(), "mount {options}: {}", output_text(&o));
-    MountedAt(at.to_path_buf())
-}
-
-impl Drop for MountedAt {
-    fn drop(&mut self) {
-        if let Err(e) = unmount_retrying(&self.0) {
-            eprintln!("{e}");
         }
     }
 }

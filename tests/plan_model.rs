@@ -323,18 +323,7 @@ fn three_tib_with_a_block_group_tree() {
     let mut buf = vec![0u8; 16384];
     let mut seen = 0;
     for b in p.blocks.iter().filter(|b| b.tree == t) {
-        let phys = p
-            .regions
-            .iter()
-            .find_map(|r| match r.kind {
-                btrfsimg::plan::space::RegionKind::Metadata { logical }
-                    if logical <= b.logical && b.logical < logical + r.len =>
-                {
-                    Some(r.start + b.logical - logical)
-                }
-                _ => None,
-            })
-            .unwrap();
+        let phys = metadata_physical(p, b.logical);
         img.read_at(phys, &mut buf).unwrap();
         assert_eq!(&buf[0x30..0x38], &b.logical.to_le_bytes());
         assert_eq!(&buf[0x58..0x60], &11u64.to_le_bytes(), "owner");
@@ -389,18 +378,7 @@ fn three_tib_of_data() {
         if !sample {
             continue;
         }
-        let phys = p
-            .regions
-            .iter()
-            .find_map(|r| match r.kind {
-                btrfsimg::plan::space::RegionKind::Metadata { logical }
-                    if logical <= b.logical && b.logical < logical + r.len =>
-                {
-                    Some(r.start + b.logical - logical)
-                }
-                _ => None,
-            })
-            .unwrap();
+        let phys = metadata_physical(p, b.logical);
         img.read_at(phys, &mut buf).unwrap();
         assert_eq!(
             &buf[0x30..0x38],
@@ -454,19 +432,23 @@ fn ten_million_entries() {
     let mut buf = vec![0u8; 16384];
     let fs_blocks: Vec<_> = p.blocks.iter().filter(|b| b.tree == fs_idx).collect();
     for b in fs_blocks.iter().step_by(fs_blocks.len() / 500) {
-        let phys = p
-            .regions
-            .iter()
-            .find_map(|r| match r.kind {
-                btrfsimg::plan::space::RegionKind::Metadata { logical }
-                    if logical <= b.logical && b.logical < logical + r.len =>
-                {
-                    Some(r.start + b.logical - logical)
-                }
-                _ => None,
-            })
-            .unwrap();
+        let phys = metadata_physical(p, b.logical);
         img.read_at(phys, &mut buf).unwrap();
         assert_eq!(&buf[0x30..0x38], &b.logical.to_le_bytes());
     }
+}
+
+/// Where the metadata block at `logical` is in the image (its first copy).
+fn metadata_physical(p: &btrfsimg::plan::Plan, logical: u64) -> u64 {
+    p.regions
+        .iter()
+        .find_map(|r| match r.kind {
+            btrfsimg::plan::space::RegionKind::Metadata { logical: start }
+                if start <= logical && logical < start + r.len =>
+            {
+                Some(r.start + logical - start)
+            }
+            _ => None,
+        })
+        .expect("every tree block is in a metadata region")
 }

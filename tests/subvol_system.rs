@@ -228,29 +228,6 @@ fn read_write_cycle(img: &Path, src: &Path, dir: &Path) {
     btrfs_check(&copy);
 }
 
-/// A mount that is undone when dropped (innermost first, by the caller's
-/// order of drops).
-struct Mounted(PathBuf);
-
-impl Mounted {
-    fn new(img: &Path, at: &Path, options: &str) -> Mounted {
-        let o = run(Command::new(tool("mount"))
-            .args(["-t", "btrfs", "-o", options])
-            .arg(img)
-            .arg(at));
-        assert!(o.status.success(), "mount {options}: {}", output_text(&o));
-        Mounted(at.to_path_buf())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if let Err(e) = unmount_retrying(&self.0) {
-            eprintln!("{e}");
-        }
-    }
-}
-
 /// The usual NixOS layout from one tree: `default:@=/`, `@nix=/nix`,
 /// `@home=/home` and a mountpoint the sources lack (`@log=/var/log`).
 /// Mounted as the system would (`@` by default at a root, `subvol=@nix` on
@@ -330,10 +307,10 @@ fn mount_view_builds_the_nixos_layout() {
     // As the booted system sees it.
     let root = workdir("subvol-root");
     let r = root.path().canonicalize().unwrap();
-    let top = Mounted::new(&img, &r, "loop,ro");
-    let nix = Mounted::new(&img, &r.join("nix"), "loop,ro,subvol=@nix");
-    let home = Mounted::new(&img, &r.join("home"), "loop,ro,subvol=@home");
-    let log = Mounted::new(&img, &r.join("var/log"), "loop,ro,subvol=@log");
+    let top = MountAt::new(&img, &r, "loop,ro");
+    let nix = MountAt::new(&img, &r.join("nix"), "loop,ro,subvol=@nix");
+    let home = MountAt::new(&img, &r.join("home"), "loop,ro,subvol=@home");
+    let log = MountAt::new(&img, &r.join("var/log"), "loop,ro,subvol=@log");
     let mut want = src.clone();
     want.set_file_name("src-with-log");
     run_ok(Command::new(tool("cp")).arg("-a").arg(&src).arg(&want));

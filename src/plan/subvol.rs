@@ -121,6 +121,18 @@ pub fn validate_specs(specs: &[SubvolSpec]) -> Result<()> {
             defaults[1].shown()
         )));
     }
+    // Specs made by a library caller rather than `parse`: the same rules.
+    for s in specs {
+        let what = format!("--subvol {}", s.shown());
+        if components(&s.path, &what)?.is_empty() {
+            return Err(Error::msg(format!(
+                "{what}: the subvolume path is empty (the top level is no subvolume)"
+            )));
+        }
+        if let Some(m) = &s.mountpoint {
+            components(m, &what)?;
+        }
+    }
     let mut paths: BTreeMap<&[u8], &SubvolSpec> = BTreeMap::new();
     let mut mounts: BTreeMap<&[u8], &SubvolSpec> = BTreeMap::new();
     for s in specs {
@@ -384,5 +396,15 @@ mod tests {
         let e = validate_specs(&[p("a"), p("ro:a/")]).unwrap_err();
         assert!(e.to_string().contains("same subvolume"), "{e}");
         validate_specs(&[p("default:a=/"), p("b=/b"), p("a/c")]).unwrap();
+        let made = SubvolSpec {
+            path: b"/".to_vec(),
+            mountpoint: None,
+            readonly: false,
+            default: false,
+        };
+        assert!(validate_specs(&[made])
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
     }
 }

@@ -269,3 +269,27 @@ pub fn mount_source(mnt: &Path) -> Option<String> {
     }
     found
 }
+
+/// `mount -t btrfs -o OPTIONS IMG AT` at a path of the caller's choosing
+/// (nested mounts, as a system's fileSystems stack them); unmounted when
+/// dropped, so drop inner ones first.
+pub struct MountAt(PathBuf);
+
+impl MountAt {
+    pub fn new(img: &Path, at: &Path, options: &str) -> MountAt {
+        let o = run(Command::new(tool("mount"))
+            .args(["-t", "btrfs", "-o", options])
+            .arg(img)
+            .arg(at));
+        assert!(o.status.success(), "mount {options}: {}", output_text(&o));
+        MountAt(at.to_path_buf())
+    }
+}
+
+impl Drop for MountAt {
+    fn drop(&mut self) {
+        if let Err(e) = unmount_retrying(&self.0) {
+            eprintln!("{e}");
+        }
+    }
+}
