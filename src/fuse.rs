@@ -165,11 +165,12 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::ENXIO);
         }
         match whence {
-            libc::SEEK_DATA => match self.image.seek_data(off) {
+            // The holes every frontend reports (`image::allocation`).
+            libc::SEEK_DATA => match self.image.allocation().next_mapped(off) {
                 Some(o) => reply.offset(o as i64),
                 None => reply.error(Errno::ENXIO),
             },
-            libc::SEEK_HOLE => reply.offset(self.image.seek_hole(off) as i64),
+            libc::SEEK_HOLE => reply.offset(self.image.allocation().next_hole(off) as i64),
             _ => reply.error(Errno::EINVAL),
         }
     }

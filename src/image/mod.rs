@@ -8,6 +8,7 @@
 //! source byte exactly once; a csum leaf requested first reads the data it
 //! covers itself.
 
+pub mod allocation;
 pub mod csums;
 pub mod encode;
 
@@ -44,6 +45,8 @@ pub struct Image {
     payloads: Mutex<LruCache<u64, Arc<[u8]>>>,
     csums: CsumTable,
     source_bytes: AtomicU64,
+    /// Made when a frontend first asks which bytes are mapped.
+    allocation: std::sync::OnceLock<allocation::AllocationMap>,
 }
 
 impl Image {
@@ -78,6 +81,7 @@ impl Image {
             )),
             csums: CsumTable::new(plan.data_sectors, plan.csum_type),
             source_bytes: AtomicU64::new(0),
+            allocation: std::sync::OnceLock::new(),
             plan,
         }
     }
@@ -95,6 +99,12 @@ impl Image {
     /// Pages of the checksum table allocated so far.
     pub fn csum_pages(&self) -> usize {
         self.csums.pages_allocated()
+    }
+
+    /// Which bytes a writer of the image must write (see `allocation`).
+    pub fn allocation(&self) -> &allocation::AllocationMap {
+        self.allocation
+            .get_or_init(|| allocation::AllocationMap::of(&self.plan))
     }
 
     /// Size of the image in bytes.
