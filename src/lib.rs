@@ -2,7 +2,7 @@
 //! writing it out. The data flows one way:
 //!
 //! source walk → [`plan::Plan`] (pure data) → [`image::Image::read_at`] → frontends
-//! ([`export`], FUSE).
+//! ([`export`], FUSE, [`serve`] over NBD).
 
 pub mod compress;
 pub mod content;
@@ -13,6 +13,7 @@ pub mod fuse;
 pub mod image;
 pub mod pipeline;
 pub mod plan;
+pub mod serve;
 pub mod source;
 
 pub use error::{Error, Result};

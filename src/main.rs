@@ -1,7 +1,7 @@
 //! Command line: parse, call the library, turn errors into one line and an exit code.
 
 use btrfsimg::source::{Closure, Sources};
-use btrfsimg::{export, fuse, plan, Error, Image, Options};
+use btrfsimg::{export, fuse, plan, serve, Error, Image, Options};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{self, IsTerminal};
 use std::path::PathBuf;
@@ -55,6 +55,44 @@ enum Cmd {
         /// Print only the image size in bytes.
         #[arg(long)]
         bytes: bool,
+    },
+    /// Serve the image read-only over NBD (qemu, nbdcopy, nbd-client, nbdinfo)
+    /// in the foreground until SIGINT or SIGTERM. Prints the URI clients use
+    /// once ready. Plain NBD has no authentication: whoever reaches the
+    /// socket reads the image (see --tls-cert).
+    #[command(group(clap::ArgGroup::new("endpoint").required(true).args(["socket", "listen"])))]
+    Serve {
+        /// Directory whose contents become the image root.
+        root: Option<PathBuf>,
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Listen on a Unix socket at PATH (nbd+unix:///?socket=PATH).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Listen on TCP at [ADDRESS]:PORT, PORT or ADDRESS (port 10809);
+        /// loopback unless ADDRESS says otherwise (0.0.0.0 or [::] for
+        /// every interface); port 0 picks a free one.
+        #[arg(long, value_name = "[ADDRESS]:PORT")]
+        listen: Option<String>,
+        /// Require TLS (NBD_OPT_STARTTLS) with this PEM certificate chain.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Also require clients to present a certificate signed by this CA
+        /// (PEM): authentication on top of TLS's privacy.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
+        /// Connections served at once; more are closed as they come.
+        #[arg(long, default_value_t = 128)]
+        max_connections: usize,
+        /// Seconds a client has to finish the handshake.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        handshake_timeout: u64,
+        /// Memory for encoded tree blocks (see mount --cache-size).
+        #[arg(long, value_name = "SIZE", default_value = "256M")]
+        cache_size: String,
     },
     /// Serve the image as the read-only file MOUNTPOINT/fs.img (FUSE), in the
     /// foreground, until unmounted (fusermount3 -u MOUNTPOINT) or interrupted.
@@ -542,6 +580,66 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }
                 _ => Ok(()),
             }
+        }
+        Cmd::Serve {
+            root,
+            image,
+            socket,
+            listen,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            max_connections,
+            handshake_timeout,
+            cache_size,
+        } => {
+            // Until serving starts, a signal ends the process at once.
+            let planning = Arc::new(AtomicBool::new(true));
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, planning.clone())
+                    .map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))?;
+            }
+            let cache = parse_size("--cache-size", &cache_size)?;
+            let opts = options(&image)?;
+            let srcs = sources(root, &image)?;
+            let listen = match (socket, listen) {
+                (Some(p), _) => serve::Listen::Unix(p),
+                (None, Some(l)) => serve::Listen::parse_tcp(&l)?,
+                (None, None) => unreachable!("clap requires --socket or --listen"),
+            };
+            if max_connections == 0 {
+                return Err(Error::msg(
+                    "invalid --max-connections 0: at least 1 is needed",
+                ));
+            }
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(c), Some(k)) => {
+                    Some(serve::tls::server_config(c, k, tls_client_ca.as_deref())?)
+                }
+                _ => None,
+            };
+            let sopts = serve::ServeOptions {
+                listen,
+                tls,
+                max_connections,
+                handshake_timeout: std::time::Duration::from_secs(handshake_timeout.max(1)),
+            };
+            let server = serve::Server::bind(&sopts.listen)?;
+            let shutdown = serve::Shutdown::new()
+                .and_then(|s| {
+                    s.on_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+                        .map(|()| s)
+                })
+                .map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))?;
+            let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal(), 0, None)?;
+            let img = Arc::new(Image::with_block_cache(plan, cache as usize));
+            planning.store(false, Ordering::SeqCst);
+            server.run(img, &sopts, &shutdown, |uri| {
+                use std::io::Write;
+                let mut out = io::stdout().lock();
+                let _ = writeln!(out, "{uri}");
+                let _ = out.flush();
+            })
         }
         Cmd::Mount {
             mut paths,
