@@ -39,6 +39,7 @@ pub mod fuzz;
 pub mod guest;
 pub mod model;
 pub mod mounts;
+pub mod nbd;
 pub mod nix;
 pub mod prereq;
 pub mod process;
