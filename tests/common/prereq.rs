@@ -61,7 +61,10 @@ pub fn say(line: &str) {
 pub fn package_of(tool: &str) -> &'static str {
     match tool {
         "btrfs" | "mkfs.btrfs" => "btrfs-progs",
-        "qemu-img" | "qemu-nbd" => "qemu-utils",
+        "qemu-img" | "qemu-nbd" | "qemu-io" => "qemu-utils",
+        "nbdcopy" | "nbdinfo" => "libnbd-bin",
+        "nbdkit" => "nbdkit",
+        "openssl" => "openssl",
         "qemu-system-x86_64" => "qemu-system-x86",
         "busybox" => "busybox-static",
         "fusermount3" => "fuse3",
