@@ -3,7 +3,8 @@
 //! (`cache=none`: O_DIRECT reads of the FUSE file), mounts it, lists every
 //! entry and hashes every file; all of it must equal the source (also for a
 //! zstd image, for one with a block-group tree, and for subvolumes mounted
-//! as a system would mount them). Needs root,
+//! as a system would mount them), and the image served over NBD by
+//! `btrfsimg serve` (`-drive file=nbd+unix://...`). Needs root,
 //! FUSE, qemu-system-x86, busybox-static and the kernel from
 //! `.ci/guest-kernel`.
 
@@ -64,6 +65,41 @@ fn guest_linux_6_1_mounts_subvolumes() {
         "0b0d0a0e-0011-4000-8000-000000000004",
         &script,
     );
+}
+
+/// The same image served by `btrfsimg serve` on a Unix socket: QEMU's NBD
+/// block driver (`-drive file=nbd+unix://...`) gives it to Linux 6.1 as a
+/// virtio disk, which mounts it and reads every entry.
+#[test]
+fn guest_linux_6_1_mounts_the_image_over_nbd() {
+    let what = "guest_linux_6_1_mounts_the_image_over_nbd";
+    let Some(guest) = guest_available(what) else {
+        return;
+    };
+    let work = workdir("guest-nbd");
+    let src = work.path().join("src");
+    fuse_test_tree(&src);
+    let sock = work.path().join("nbd.sock");
+    let mut args: Vec<&std::ffi::OsStr> = vec![src.as_os_str()];
+    args.extend(
+        fixed_args("0b0d0a0e-0011-4000-8000-000000000013")
+            .into_iter()
+            .map(std::ffi::OsStr::new),
+    );
+    args.extend([std::ffi::OsStr::new("--socket"), sock.as_os_str()]);
+    let mut served = common::nbd::Served::start(&args, &work.path().join("serve.log"));
+    let drive = format!("file={},format=raw,readonly=on", served.uri);
+    let out = guest.run(&drive, LIST_AND_HASH, Duration::from_secs(300));
+    assert!(served.stop_with(libc::SIGTERM).success());
+    assert!(served.log().contains("connected"), "{}", served.log());
+    let (got, want) = (guest_listing(&out), expected_listing(&src));
+    assert!(
+        got == want,
+        "guest and source differ: {} vs {} lines",
+        got.len(),
+        want.len()
+    );
+    assert!(got.len() > 1500, "{} lines", got.len());
 }
 
 /// Linux 5.10 (bullseye's), the oldest kernel the default images are for,
