@@ -515,3 +515,129 @@ fn shutdown_ends_idle_and_busy_sessions() {
         t.elapsed()
     );
 }
+
+/// A good conversation as bytes: client flags, options, requests.
+fn transcript(size: u64) -> Vec<u8> {
+    let opt = |o: u32, d: &[u8]| {
+        let mut m = b"IHAVEOPT".to_vec();
+        m.extend_from_slice(&o.to_be_bytes());
+        m.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        m.extend_from_slice(d);
+        m
+    };
+    let req = |flags: u16, cmd: u16, off: u64, len: u32| {
+        let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&cmd.to_be_bytes());
+        m.extend_from_slice(&7u64.to_be_bytes());
+        m.extend_from_slice(&off.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        m
+    };
+    let mut t = 3u32.to_be_bytes().to_vec();
+    t.extend(opt(OPT_LIST, &[]));
+    t.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+    t.extend(opt(
+        OPT_SET_META_CONTEXT,
+        &Raw::meta_data("", &["base:allocation"]),
+    ));
+    t.extend(opt(OPT_INFO, &Raw::info_data("fs.img", &[1, 2, 3])));
+    t.extend(opt(OPT_GO, &Raw::info_data("", &[3])));
+    t.extend(req(0, CMD_READ, 0, 65536));
+    t.extend(req(0, CMD_BLOCK_STATUS, 0, size as u32));
+    t.extend(req(0, CMD_WRITE, 4096, 16));
+    t.extend([0xee; 16]);
+    t.extend(req(8, CMD_BLOCK_STATUS, size / 2, 4096));
+    t.extend(req(0, CMD_READ, size - 4096, 4096));
+    t.extend(req(0, CMD_DISC, 0, 0));
+    t
+}
+
+mod mutated {
+    use super::*;
+    use btrfsimg::serve::conn::{Conn, Socket};
+    use btrfsimg::serve::session;
+    use proptest::prelude::*;
+
+    /// Edits of a good conversation: flipped bytes, cut-off ends, junk inserted.
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Flip(usize, u8),
+        Cut(usize),
+        Insert(usize, Vec<u8>),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            (any::<usize>(), 1..=255u8).prop_map(|(i, x)| Edit::Flip(i, x)),
+            any::<usize>().prop_map(Edit::Cut),
+            (
+                any::<usize>(),
+                proptest::collection::vec(any::<u8>(), 1..40)
+            )
+                .prop_map(|(i, v)| Edit::Insert(i, v)),
+        ]
+    }
+
+    fn apply(mut t: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+        for e in edits {
+            match e {
+                Edit::Flip(i, x) if !t.is_empty() => {
+                    let n = t.len();
+                    t[i % n] ^= x;
+                }
+                Edit::Cut(i) => t.truncate(i % (t.len() + 1)),
+                Edit::Insert(i, v) => {
+                    let at = i % (t.len() + 1);
+                    t.splice(at..at, v.iter().copied());
+                }
+                _ => {}
+            }
+        }
+        t
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        /// Whatever the client sends, the session ends (when the client
+        /// closes) without a panic, and answers only with well-formed
+        /// messages up to that point.
+        #[test]
+        fn mutated_conversations_end_their_session(edits in proptest::collection::vec(edit(), 1..6)) {
+            let img = IMAGE.with(|i| i.clone());
+            let bytes = apply(transcript(img.size()), &edits);
+            let (server, mut client) = UnixStream::pair().expect("socket pair");
+            let writer = {
+                let mut c = client.try_clone().expect("clone");
+                std::thread::spawn(move || {
+                    let _ = c.write_all(&bytes);
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                })
+            };
+            let reader = std::thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = client.read_to_end(&mut sink);
+                sink.len()
+            });
+            let cfg = session::SessionConfig {
+                tls: None,
+                handshake_timeout: Duration::from_secs(10),
+                name: "fuzz".into(),
+            };
+            let t = Instant::now();
+            let mut conn = Conn::Plain(Socket::Unix(server));
+            let mut stats = session::Stats::default();
+            let _ = session::run(&img, &mut conn, &cfg, &mut stats);
+            drop(conn);
+            prop_assert!(t.elapsed() < Duration::from_secs(15));
+            writer.join().expect("writer");
+            let replied = reader.join().expect("reader");
+            prop_assert!(replied >= 18, "the greeting at least");
+        }
+    }
+
+    thread_local! {
+        static IMAGE: Arc<Image> = Arc::new(image());
+    }
+}
