@@ -90,6 +90,10 @@ enum Cmd {
         /// Seconds a client has to finish the handshake.
         #[arg(long, value_name = "SECONDS", default_value_t = 30)]
         handshake_timeout: u64,
+        /// Threads answering each connection's requests side by side (TLS
+        /// connections: one at a time).
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
         /// Memory for encoded tree blocks (see mount --cache-size).
         #[arg(long, value_name = "SIZE", default_value = "256M")]
         cache_size: String,
@@ -591,6 +595,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             tls_client_ca,
             max_connections,
             handshake_timeout,
+            threads,
             cache_size,
         } => {
             // Until serving starts, a signal ends the process at once.
@@ -623,6 +628,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 tls,
                 max_connections,
                 handshake_timeout: std::time::Duration::from_secs(handshake_timeout.max(1)),
+                threads: threads.max(1),
             };
             let server = serve::Server::bind(&sopts.listen)?;
             let shutdown = serve::Shutdown::new()

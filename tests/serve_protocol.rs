@@ -64,6 +64,7 @@ impl Running {
             tls: None,
             max_connections: 64,
             handshake_timeout: Duration::from_secs(30),
+            threads: 4,
         };
         tweak(&mut opts);
         let shutdown = Shutdown::new().expect("shutdown pipe");
@@ -624,6 +625,7 @@ mod mutated {
                 tls: None,
                 handshake_timeout: Duration::from_secs(10),
                 name: "fuzz".into(),
+                workers: 1 + edits.len() % 3,
             };
             let t = Instant::now();
             let mut conn = Conn::Plain(Socket::Unix(server));

@@ -75,6 +75,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Time a client has from connecting to the end of option haggling.
     pub handshake_timeout: Duration,
+    /// Threads answering each connection's requests (1: one at a time).
+    pub threads: usize,
 }
 
 /// Stops a server from another thread or from a signal handler: a flag and
@@ -365,6 +367,7 @@ fn run(
                 tls: opts.tls.clone(),
                 handshake_timeout: opts.handshake_timeout,
                 name,
+                workers: opts.threads,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-{id}"))

@@ -8,9 +8,10 @@
 //! a read beyond the end or over the cap) gets an NBD error and the session
 //! goes on.
 
-use super::conn::Conn;
+use super::conn::{Conn, Socket};
 use super::proto::*;
 use crate::image::Image;
+use parking_lot::Mutex;
 use rustls::ServerConfig;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -44,6 +45,10 @@ pub struct SessionConfig {
     pub handshake_timeout: Duration,
     /// How this connection is named in log lines.
     pub name: String,
+    /// Threads answering one connection's requests side by side (TLS
+    /// connections are answered one request at a time: a TLS stream is
+    /// one state machine).
+    pub workers: usize,
 }
 
 /// What one session did, for its closing log line.
@@ -110,7 +115,7 @@ pub fn run(image: &Image, conn: &mut Conn, cfg: &SessionConfig, stats: &mut Stat
     if let Err(e) = conn.set_read_timeout(None) {
         return e.into();
     }
-    match transmit(image, conn, &agreed, stats) {
+    match transmit(image, conn, &agreed, stats, cfg.workers) {
         Ok(()) => End::Asked,
         Err(e) => e,
     }
@@ -306,34 +311,159 @@ fn description(image: &Image) -> String {
 /// Why a request is refused: the NBD error and a message.
 type Refusal = (u32, String);
 
-fn transmit(image: &Image, conn: &mut Conn, agreed: &Agreed, stats: &mut Stats) -> Result<(), End> {
+fn transmit(
+    image: &Image,
+    conn: &mut Conn,
+    agreed: &Agreed,
+    stats: &mut Stats,
+    workers: usize,
+) -> Result<(), End> {
+    if workers > 1 {
+        if let Conn::Plain(sock) = conn {
+            if let Ok(w) = sock.try_clone() {
+                return transmit_parallel(image, sock, w, agreed, stats, workers);
+            }
+        }
+    }
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let mut h = [0u8; REQUEST_LEN];
-        conn.read_exact(&mut h)?;
-        let Some(req) = parse_request(&h) else {
-            return Err(End::Client("bad request magic".into()));
-        };
-        if req.command == CMD_DISC {
+        let Some(req) = next_request(conn)? else {
             return Ok(());
-        }
-        stats.requests += 1;
-        if req.command == CMD_WRITE {
-            skip_payload(conn, req.length)?;
-        }
-        let done = match check(image, agreed, &req) {
-            Err((error, msg)) => {
-                stats.errors += 1;
-                log::debug!("request {:?} refused: {msg}", req);
-                send_error(conn, agreed, req.cookie, error, &msg)
-            }
-            Ok(()) if req.command == CMD_READ => {
-                stats.bytes_read += req.length as u64;
-                read(image, conn, agreed, &req, &mut buf)
-            }
-            Ok(()) => block_status(image, conn, &req),
         };
-        done?;
+        stats.requests += 1;
+        answer(image, conn, agreed, &req, &mut buf, stats)?;
+    }
+}
+
+/// The next request, its write payload skipped; `None` for NBD_CMD_DISC.
+fn next_request(conn: &mut impl Read) -> Result<Option<Request>, End> {
+    let mut h = [0u8; REQUEST_LEN];
+    conn.read_exact(&mut h)?;
+    let Some(req) = parse_request(&h) else {
+        return Err(End::Client("bad request magic".into()));
+    };
+    if req.command == CMD_DISC {
+        return Ok(None);
+    }
+    if req.command == CMD_WRITE {
+        skip_payload(conn, req.length)?;
+    }
+    Ok(Some(req))
+}
+
+/// Carries out or refuses one request, writing its reply to `w`.
+fn answer<W: Write + ?Sized>(
+    image: &Image,
+    w: &mut W,
+    agreed: &Agreed,
+    req: &Request,
+    buf: &mut Vec<u8>,
+    stats: &mut Stats,
+) -> Result<(), End> {
+    match check(image, agreed, req) {
+        Err((error, msg)) => {
+            stats.errors += 1;
+            log::debug!("request {:?} refused: {msg}", req);
+            send_error(w, agreed, req.cookie, error, &msg)
+        }
+        Ok(()) if req.command == CMD_READ => {
+            stats.bytes_read += req.length as u64;
+            read(image, w, agreed, req, buf)
+        }
+        Ok(()) => block_status(image, w, req),
+    }
+}
+
+/// Writes each buffer whole under the connection's lock, so that the
+/// chunks of replies made side by side never interleave mid-chunk (whole
+/// structured chunks of different replies may: the cookie tells them apart).
+struct Locked<'a>(&'a Mutex<Socket>);
+
+impl Write for Locked<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Transmission with `workers` threads answering this connection's requests
+/// side by side while this one reads the next: a client with many requests
+/// in flight (nbdcopy, qemu) keeps several cores busy on one connection.
+/// The queue holds a few requests per worker; beyond that the reader waits,
+/// and so, through the socket, does the client. Every queued request is
+/// answered before the session ends (as NBD_CMD_DISC requires).
+fn transmit_parallel(
+    image: &Image,
+    reader: &mut Socket,
+    writer: Socket,
+    agreed: &Agreed,
+    stats: &mut Stats,
+    workers: usize,
+) -> Result<(), End> {
+    let writer = Mutex::new(writer);
+    let shared = Mutex::new(Stats::default());
+    let failed: Mutex<Option<End>> = Mutex::new(None);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(workers * 4);
+    let rx = Mutex::new(rx);
+    let result = std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let mut buf = Vec::new();
+                let mut mine = Stats::default();
+                loop {
+                    let next = rx.lock().recv();
+                    let Ok(req) = next else { break };
+                    let r = match agreed.structured {
+                        true => answer(
+                            image,
+                            &mut Locked(&writer),
+                            agreed,
+                            &req,
+                            &mut buf,
+                            &mut mine,
+                        ),
+                        // A simple reply is one header and its data: one lock.
+                        false => {
+                            let mut w = writer.lock();
+                            answer(image, &mut *w, agreed, &req, &mut buf, &mut mine)
+                        }
+                    };
+                    if let Err(e) = r {
+                        // The reader sees the socket end and stops.
+                        writer.lock().shutdown();
+                        failed.lock().get_or_insert(e);
+                    }
+                }
+                let mut s = shared.lock();
+                s.bytes_read += mine.bytes_read;
+                s.errors += mine.errors;
+            });
+        }
+        let read = loop {
+            match next_request(reader) {
+                Ok(Some(req)) => {
+                    stats.requests += 1;
+                    if tx.send(req).is_err() {
+                        break Ok(());
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        drop(tx);
+        read
+    });
+    let s = shared.into_inner();
+    stats.bytes_read += s.bytes_read;
+    stats.errors += s.errors;
+    match failed.into_inner() {
+        Some(e) => Err(e),
+        None => result,
     }
 }
 
@@ -375,7 +505,7 @@ fn check(image: &Image, agreed: &Agreed, req: &Request) -> Result<(), Refusal> {
 }
 
 /// Reads and drops a write's payload, so that the next request is in step.
-fn skip_payload(conn: &mut Conn, len: u32) -> Result<(), End> {
+fn skip_payload(conn: &mut impl Read, len: u32) -> Result<(), End> {
     let mut left = len as u64;
     let mut sink = [0u8; 16384];
     while left > 0 {
@@ -386,8 +516,8 @@ fn skip_payload(conn: &mut Conn, len: u32) -> Result<(), End> {
     Ok(())
 }
 
-fn send_error(
-    conn: &mut Conn,
+fn send_error<W: Write + ?Sized>(
+    conn: &mut W,
     agreed: &Agreed,
     cookie: u64,
     error: u32,
@@ -441,9 +571,9 @@ fn pieces(image: &Image, offset: u64, len: u64) -> Vec<Piece> {
     out
 }
 
-fn read(
+fn read<W: Write + ?Sized>(
     image: &Image,
-    conn: &mut Conn,
+    conn: &mut W,
     agreed: &Agreed,
     req: &Request,
     buf: &mut Vec<u8>,
@@ -524,7 +654,7 @@ fn descriptors(image: &Image, offset: u64, len: u64, one: bool) -> Vec<(u32, u32
     out
 }
 
-fn block_status(image: &Image, conn: &mut Conn, req: &Request) -> Result<(), End> {
+fn block_status<W: Write + ?Sized>(image: &Image, conn: &mut W, req: &Request) -> Result<(), End> {
     let d = descriptors(
         image,
         req.offset,
