@@ -443,7 +443,9 @@ fn temp_output(path: &Path, overwrite: bool) -> Result<(TempOutput, File)> {
     tmp_name.push(name);
     tmp_name.push(format!(".btrfsimg-{}.tmp", std::process::id()));
     let tmp_path = dir.join(tmp_name);
+    // Readable too: a `Spill` export hashes for the bmap what it wrote.
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o644)
