@@ -365,15 +365,14 @@ pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
 
 /// Refuses, before any work, a bmap path that cannot or must not be written
 /// (as `check_output`), `-` (stdout carries the image, if anything), and
-/// the image's own path `image` (`-o`), also through another spelling, a
-/// symlink or a hard link.
+/// the image's own path `image` (`-o`), however spelled.
 pub fn check_bmap_output(path: &Path, image: Option<&Path>, overwrite: bool) -> Result<()> {
     if path.as_os_str() == "-" {
         return Err(Error::msg(
             "--bmap -: the bmap goes to a file (give a file name, e.g. IMAGE.bmap)",
         ));
     }
-    if image.is_some_and(|i| same_path(i, path)) {
+    if image.is_some_and(|i| same_entry(i, path)) {
         return Err(Error::at(
             path,
             "is the output image too (-o): give the bmap its own name, e.g. IMAGE.bmap",
@@ -382,23 +381,16 @@ pub fn check_bmap_output(path: &Path, image: Option<&Path>, overwrite: bool) -> 
     check_output(path, overwrite)
 }
 
-/// Whether two output paths name the same file: the same name in the same
-/// directory, or one existing file.
-fn same_path(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
+/// Whether two output paths are one directory entry: the same name in the
+/// same (canonical) directory. Both files are renamed into place, which
+/// replaces entries, never what a symlink or another hard link points at:
+/// distinct entries cannot clobber each other.
+fn same_entry(a: &Path, b: &Path) -> bool {
     let resolved = |p: &Path| -> Option<PathBuf> {
         let (dir, name) = output_parts(p).ok()?;
         Some(fs::canonicalize(dir).ok()?.join(name))
     };
-    if let (Some(x), Some(y)) = (resolved(a), resolved(b)) {
-        if x == y {
-            return true;
-        }
-    }
-    match (fs::metadata(a), fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
+    matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// Moves the finished temporary file to `path`; without `overwrite` an
