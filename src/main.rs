@@ -42,6 +42,12 @@ enum Cmd {
         /// any number gives the same bytes.
         #[arg(long)]
         threads: Option<u32>,
+        /// Also write a bmap of the image to FILE (bmaptool's block map,
+        /// format 2.0): the mapped blocks with their SHA-256, made in the same
+        /// pass, so that `bmaptool copy` writes only those. bmaptool finds
+        /// IMAGE.bmap by itself (for fs.img.zst also fs.img.bmap).
+        #[arg(long, value_name = "FILE")]
+        bmap: Option<PathBuf>,
         /// No progress bar.
         #[arg(short, long)]
         quiet: bool,
@@ -478,6 +484,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             force,
             zstd,
             threads,
+            bmap,
             quiet,
         } => {
             let reading = Arc::new(AtomicBool::new(true));
@@ -505,8 +512,12 @@ fn run(cli: Cli) -> Result<(), Error> {
                     true
                 }
             };
-            if let Some(path) = output.as_deref().filter(|_| !to_stdout) {
+            let image_path = output.as_deref().filter(|_| !to_stdout);
+            if let Some(path) = image_path {
                 export::check_output(path, force)?;
+            }
+            if let Some(b) = &bmap {
+                export::check_bmap_output(b, image_path, force)?;
             }
             let eopts = export::ExportOptions {
                 zstd,
@@ -515,6 +526,10 @@ fn run(cli: Cli) -> Result<(), Error> {
                 }),
                 progress: !quiet && io::stderr().is_terminal(),
                 cancel: Some(cancel.clone()),
+                bmap: bmap.map(|path| export::BmapOutput {
+                    path,
+                    overwrite: force,
+                }),
             };
             // A compressed image written to a file gets its data region from
             // the content pass directly: nothing is compressed twice.

@@ -187,6 +187,9 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
     let file_out = file.join("x.img");
     let nodir_out = nodir.join("x.img");
     let unexpected_ci = w.join("nosuch-ci");
+    let old_bmap = w.join("old.bmap");
+    fs::write(&old_bmap, b"an older bmap").unwrap();
+    let out_respelled = out_dir.join("..").join("out").join("x.img");
     let ci_store_paths = ci_empty.join("store-paths");
     let ci_registration = ci_noreg.join("registration");
     let chroot_missing = chroot.join("nix/store/abc-missing");
@@ -595,6 +598,46 @@ fn bad_inputs_fail_with_one_line_and_leave_nothing() {
             &[&D(&unread_file.join("secret")), &"Permission denied"],
         ),
         case(
+            "--bmap directory missing",
+            &[&e, &src, &o, &out, &"--bmap", &nodir_out],
+            &[&D(&nodir), &"output directory does not exist"],
+        ),
+        case(
+            "--bmap directory missing, image to stdout",
+            &[&e, &src, &o, &"-", &"--bmap", &nodir_out],
+            &[&D(&nodir), &"output directory does not exist"],
+        ),
+        case(
+            "--bmap directory is a file",
+            &[&e, &src, &o, &out, &"--bmap", &file_out],
+            &[&D(&file), &"not a directory"],
+        ),
+        case(
+            "--bmap is a directory",
+            &[&e, &src, &o, &out, &"--bmap", &out_dir, &"--force"],
+            &[&D(&out_dir), &"is a directory"],
+        ),
+        case(
+            "--bmap exists",
+            &[&e, &src, &o, &out, &"--bmap", &old_bmap],
+            &[&D(&old_bmap), &"already exists", &"--force"],
+        ),
+        case(
+            "--bmap is the output",
+            &[&e, &src, &o, &out, &"--bmap", &out],
+            &[&D(&out), &"is the output image too"],
+        ),
+        case(
+            "--bmap is the output, spelled otherwise",
+            &[&e, &src, &o, &out, &"--bmap", &out_respelled],
+            &[&D(&out_respelled), &"is the output image too"],
+        ),
+        case(
+            "--bmap to stdout",
+            &[&e, &src, &o, &out, &"--bmap", &"-"],
+            &[&"--bmap -", &"file"],
+        ),
+        case(
             "mountpoint missing",
             &[&"mount", &src, &nosuch],
             &[&D(&nosuch), &"No such file or directory"],
@@ -760,6 +803,110 @@ fn output_created_during_export_is_not_replaced() {
     );
     assert_eq!(fs::read(&out).unwrap(), b"someone else's");
     assert_eq!(names(&out_dir), vec!["/fs.img".to_string()]);
+}
+
+/// Runs `btrfsimg export SRC ARGS` until a temporary file shows up in
+/// `dir`, then calls `then`; returns the exit status and stderr.
+fn export_until_temp(
+    src: &Path,
+    args: &[&dyn AsRef<std::ffi::OsStr>],
+    dir: &Path,
+    then: impl FnOnce(u32),
+) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(btrfsimg_bin())
+        .arg("export")
+        .arg(src)
+        .args(args.iter().map(|a| a.as_ref()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = read_all(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !names(dir).iter().any(|n| n.ends_with(".tmp")) {
+        assert!(child.try_wait().unwrap().is_none(), "export ended too soon");
+        assert!(Instant::now() < deadline, "no temporary file appeared");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    then(child.id());
+    let st = wait_timeout(&mut child, Duration::from_secs(120));
+    (st, stderr.join().unwrap())
+}
+
+/// A bmap appears only with its whole image: an export (to a file or to
+/// stdout) stopped by a signal leaves neither; one whose bmap name is taken
+/// by another process meanwhile fails naming it and leaves no image; an
+/// existing bmap is kept without --force and replaced with it.
+#[test]
+fn bmap_appears_only_with_its_image() {
+    let work = big_workdir("bmap-reliability");
+    let src = work.path().join("src");
+    fs::create_dir(&src).unwrap();
+    allocated_file(&src.join("big"), 2 * GIB);
+    fs::write(src.join("small"), b"small").unwrap();
+    let dir = work.path().join("out");
+    fs::create_dir(&dir).unwrap();
+    let (out, bmap) = (dir.join("fs.img"), dir.join("fs.img.bmap"));
+    let kill = |pid: u32| {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    };
+    let (st, stderr) = export_until_temp(&src, &[&"-o", &out, &"--bmap", &bmap], &dir, kill);
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert_error_line(&stderr, &["interrupted"], "signal with --bmap");
+    assert!(names(&dir).is_empty(), "left {:?}", names(&dir));
+
+    // To stdout: the bmap would be written after the stream; a signal
+    // while streaming leaves none.
+    let mut child = Command::new(btrfsimg_bin())
+        .arg("export")
+        .arg(&src)
+        .args(["-o", "-", "--bmap"])
+        .arg(&bmap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = read_all(child.stderr.take().unwrap());
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    stdout.read_exact(&mut buf).unwrap();
+    kill(child.id());
+    let drain = read_all(stdout);
+    let st = wait_timeout(&mut child, Duration::from_secs(30));
+    drain.join().unwrap();
+    let stderr = stderr.join().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM), "{st:?}: {stderr}");
+    assert!(names(&dir).is_empty(), "left {:?}", names(&dir));
+
+    // Someone else's bmap appears during the export.
+    let (st, stderr) = export_until_temp(&src, &[&"-o", &out, &"--bmap", &bmap], &dir, |_| {
+        fs::write(&bmap, b"someone else's").unwrap();
+    });
+    assert_eq!(st.code(), Some(1), "{st:?}: {stderr}");
+    assert_error_line(
+        &stderr,
+        &[&bmap.display().to_string(), "already exists"],
+        "bmap race",
+    );
+    assert_eq!(fs::read(&bmap).unwrap(), b"someone else's");
+    assert_eq!(names(&dir), vec!["/fs.img.bmap".to_string()]);
+
+    // Existing: kept without --force, replaced with it.
+    fs::remove_file(src.join("big")).unwrap();
+    let r = try_export(&src, &out, &["--bmap", bmap.to_str().unwrap()]);
+    assert!(!r.success);
+    assert_error_line(&r.stderr, &["already exists", "--force"], "existing bmap");
+    assert_eq!(fs::read(&bmap).unwrap(), b"someone else's");
+    assert!(!out.exists());
+    export(&src, &out, &["--bmap", bmap.to_str().unwrap(), "--force"]);
+    let text = fs::read_to_string(&bmap).unwrap();
+    assert!(text.starts_with("<?xml") && text.contains("<bmap version=\"2.0\">"));
+    let mut n = names(&dir);
+    n.sort();
+    assert_eq!(n, vec!["/fs.img".to_string(), "/fs.img.bmap".to_string()]);
 }
 
 // ---------------------------------------------------------------------------

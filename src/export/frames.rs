@@ -12,8 +12,14 @@
 //! four windows are 0.6 % (level 3) to about 1 % (level 19) larger than one
 //! zstdmt frame. A `.zst` of several frames is what `zstd -d` and every
 //! streaming decoder expect.
+//!
+//! Frames start at multiples of their length (a power of two, at least
+//! `bmap::GRID`), and zero frames (runs the allocation map leaves unmapped)
+//! end on such a multiple too. So each data frame covers whole grid cells,
+//! its worker hashes the bmap ranges inside it from the bytes it reads
+//! anyway, and zero frames hold no mapped byte.
 
-use super::{cancelled, ExportOptions, Stop};
+use super::{bmap, cancelled, ExportOptions, Stop};
 use crate::image::Image;
 use crate::pipeline;
 use indicatif::ProgressBar;
@@ -44,8 +50,9 @@ fn window_log(level: i32) -> u32 {
 
 /// Data frames span four windows (as zstdmt's jobs do), between 8 and
 /// 128 MiB: shorter frames lose ratio, longer ones only delay progress.
+/// Always a power of two and a multiple of `bmap::GRID`.
 fn frame_len(level: i32) -> u64 {
-    (4u64 << window_log(level)).clamp(8 << 20, 128 << 20)
+    (4u64 << window_log(level)).clamp(bmap::GRID, 128 << 20)
 }
 
 /// One frame: `[offset, offset + len)` of the image, which is known to be
@@ -57,18 +64,26 @@ struct Frame {
     zeros: bool,
 }
 
-/// The frames of an image of `size` bytes: runs of known zeros at least a
-/// frame long become zero frames, the rest is cut into frames of `len`.
+/// The frames of an image: the image cut at multiples of `len` (a power
+/// of two); whole multiples of `len` with no mapped byte (which read as
+/// zeros: see `image::allocation`) become zero frames of up to
+/// `ZERO_FRAME_MAX`, the rest are data frames of `len` (the last one
+/// shorter). Every frame starts at a multiple of `len`.
 fn frames(image: &Image, len: u64) -> impl Iterator<Item = Frame> + '_ {
+    debug_assert!(len.is_power_of_two() && ZERO_FRAME_MAX % len == 0);
     let size = image.size();
+    let map = image.allocation();
     let mut off = 0u64;
     std::iter::from_fn(move || {
         if off >= size {
             return None;
         }
-        let data = image.seek_data(off).unwrap_or(size);
-        let frame = if data >= off.saturating_add(len) || data == size {
-            let end = data.min(off + ZERO_FRAME_MAX);
+        let zeros_to = match map.next_mapped(off) {
+            Some(m) => m / len * len,
+            None => size,
+        };
+        let frame = if zeros_to > off {
+            let end = zeros_to.min(off + ZERO_FRAME_MAX);
             Frame {
                 offset: off,
                 len: end - off,
@@ -86,14 +101,21 @@ fn frames(image: &Image, len: u64) -> impl Iterator<Item = Frame> + '_ {
     })
 }
 
-/// Compresses `frame` of `image` into one zstd frame.
+/// What a worker made of a frame: the zstd frame, and the digests of the
+/// bmap ranges inside it (when a bmap is made).
+type Compressed = (Vec<u8>, Option<bmap::Hashed>);
+
+/// Compresses `frame` of `image` into one zstd frame, hashing the ranges
+/// of `layout` inside it.
 fn compress(
     image: &Image,
     frame: Frame,
     level: i32,
     opts: &ExportOptions,
     pb: &ProgressBar,
-) -> Result<Vec<u8>, Stop> {
+    layout: Option<&bmap::Layout>,
+) -> Result<Compressed, Stop> {
+    let mut hasher = layout.map(|l| l.hasher(frame.offset, frame.offset + frame.len));
     let zerr = |what: &str, code: usize| {
         Stop::Write(io::Error::other(format!(
             "zstd {what}: {}",
@@ -124,6 +146,9 @@ fn compress(
                     format!("image ended at {} inside a frame", off + got as u64),
                 )));
             }
+            if let Some(h) = hasher.as_mut() {
+                h.feed(off, &buf[..n]);
+            }
         }
         let mut input = InBuffer::around(&buf[..n]);
         while input.pos() < n {
@@ -144,7 +169,7 @@ fn compress(
             .compress_stream2(&mut o, &mut InBuffer::around(&[]), EndDirective::ZSTD_e_end)
             .map_err(|c| zerr("end", c))?;
         if left == 0 {
-            return Ok(out);
+            return Ok((out, hasher.map(bmap::Hasher::finish)));
         }
     }
 }
@@ -158,24 +183,34 @@ fn reserve(out: &mut Vec<u8>) {
 }
 
 /// Writes `image` to `out` as zstd frames at `level`, compressed by
-/// `opts.threads` workers (at least one).
+/// `opts.threads` workers (at least one); returns the digests of
+/// `layout`'s ranges, if given.
 pub(super) fn write(
     image: &Image,
     out: &mut dyn Write,
     level: i32,
     opts: &ExportOptions,
     pb: &ProgressBar,
-) -> Result<(), Stop> {
+    layout: Option<&bmap::Layout>,
+) -> Result<Option<bmap::Digests>, Stop> {
     let threads = (opts.threads as usize).max(1);
+    let mut digests = layout.map(|_| bmap::Digests::default());
     pipeline::ordered(
         frames(image, frame_len(level)),
         threads,
         threads * 2,
-        |frame| compress(image, frame, level, opts, pb),
-        |bytes| out.write_all(&bytes).map_err(Stop::Write),
+        |frame| compress(image, frame, level, opts, pb, layout),
+        |(bytes, hashed)| {
+            out.write_all(&bytes).map_err(Stop::Write)?;
+            match (digests.as_mut(), hashed) {
+                (Some(d), Some(h)) => d.add(h).map_err(Stop::Read),
+                _ => Ok(()),
+            }
+        },
         || Stop::Write(io::Error::other("a zstd worker panicked")),
     )?;
-    out.flush().map_err(Stop::Write)
+    out.flush().map_err(Stop::Write)?;
+    Ok(digests)
 }
 
 #[cfg(test)]
@@ -190,5 +225,49 @@ mod tests {
         assert_eq!(frame_len(12), 16 << 20);
         assert_eq!(frame_len(19), 32 << 20);
         assert_eq!(frame_len(22), 128 << 20);
+        for level in -5..=22 {
+            let len = frame_len(level);
+            assert!(len.is_power_of_two() && len % bmap::GRID == 0);
+        }
+    }
+
+    /// Frames tile the image, each starts at a multiple of its length
+    /// (so it covers whole bmap grid cells), and zero frames hold no
+    /// mapped byte: with 3 GiB of unallocated space (zero frames of the
+    /// 1 GiB maximum) and a data file larger than one frame.
+    #[test]
+    fn frames_are_aligned_and_zero_frames_unmapped() {
+        use crate::source::generated::Entry;
+        use crate::source::Fill;
+        use std::collections::BTreeMap;
+        let root = Entry::dir(BTreeMap::from([
+            (b"big".to_vec(), Entry::file(20 << 20, Fill::Random(1))),
+            (b"small".to_vec(), Entry::file(5000, Fill::Text(2))),
+        ]));
+        let opts = crate::Options {
+            extra_space: 3 << 30,
+            ..crate::Options::default()
+        };
+        let image = Image::new(crate::plan_generated(&root, &opts).expect("plans"));
+        for level in [3, 19] {
+            let len = frame_len(level);
+            let mut at = 0;
+            let mut zero_frames = 0;
+            for f in frames(&image, len) {
+                assert_eq!(f.offset, at, "frames tile the image");
+                assert_eq!(f.offset % len, 0, "frame at {} not aligned", f.offset);
+                assert!(f.len > 0 && f.len <= ZERO_FRAME_MAX);
+                if f.zeros {
+                    zero_frames += 1;
+                    let next = image.allocation().next_mapped(f.offset);
+                    assert!(next.is_none_or(|m| m >= f.offset + f.len));
+                } else {
+                    assert!(f.len == len || f.offset + f.len == image.size());
+                }
+                at += f.len;
+            }
+            assert_eq!(at, image.size());
+            assert!(zero_frames >= 3, "level {level}: {zero_frames} zero frames");
+        }
     }
 }

@@ -2,8 +2,10 @@
 //! file, a stream, or a multi-threaded zstd encoder). Files are written through a
 //! temporary file in the target directory that is renamed into place only when
 //! the whole image has been written; an interrupted or failed export leaves
-//! nothing named like the output behind.
+//! nothing named like the output behind. With `--bmap`, a block map of the
+//! image is made in the same pass (`bmap`) and committed with it.
 
+pub mod bmap;
 mod frames;
 
 use crate::content::{Piece, PieceSink};
@@ -14,7 +16,7 @@ use crate::plan::data::{DataAllocator, DataExtent};
 use crate::plan::space;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,15 @@ pub struct ExportOptions {
     pub progress: bool,
     /// Set when the export should stop (SIGINT/SIGTERM); checked between chunks.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Also write a bmap of the image there (`--bmap`).
+    pub bmap: Option<BmapOutput>,
+}
+
+/// Where a bmap goes, and whether an existing file there may be replaced.
+#[derive(Clone, Debug)]
+pub struct BmapOutput {
+    pub path: PathBuf,
+    pub overwrite: bool,
 }
 
 fn progress_bar(image: &Image, opts: &ExportOptions) -> ProgressBar {
@@ -87,10 +98,15 @@ fn cancelled(opts: &ExportOptions) -> bool {
 /// moves at least every second even behind a slow encoder (zstd -19).
 const SLICE: usize = 256 << 10;
 
+///
+/// `hash`, if given, is fed every byte produced, and with
+/// `Skip::ZerosAndData` the mapped bytes of the skipped data regions, read
+/// back from the file the content pass wrote them to.
 fn pump(
     image: &Image,
     opts: &ExportOptions,
     skip: Skip,
+    mut hash: Option<&mut bmap::Hasher>,
     mut sink: impl FnMut(u64, &[u8]) -> io::Result<()>,
 ) -> std::result::Result<(), Stop> {
     let pb = progress_bar(image, opts);
@@ -103,9 +119,12 @@ fn pump(
             return Err(Stop::Interrupted);
         }
         let mut want = CHUNK.min((size - off) as usize);
-        if skip == Skip::ZerosAndData {
+        if let Skip::ZerosAndData(written) = skip {
             match image.data_region(off) {
                 Some((start, end)) if start <= off => {
+                    if let Some(h) = hash.as_deref_mut() {
+                        read_back(written, h, off, end, &mut buf).map_err(Stop::Write)?;
+                    }
                     off = end;
                     pb.set_position(off);
                     continue;
@@ -114,13 +133,16 @@ fn pump(
                 None => {}
             }
         }
-        if skip != Skip::Nothing && image.is_zero_range(off, want as u64) {
+        if !matches!(skip, Skip::Nothing) && image.is_zero_range(off, want as u64) {
             // The next region starts beyond the zero range.
             off = image.seek_data(off).unwrap_or(size);
             pb.set_position(off);
             continue;
         }
         let n = image.read_at(off, &mut buf[..want]).map_err(Stop::Read)?;
+        if let Some(h) = hash.as_deref_mut() {
+            h.feed(off, &buf[..n]);
+        }
         for (i, piece) in buf[..n].chunks(SLICE).enumerate() {
             sink(off + (i * SLICE) as u64, piece).map_err(Stop::Write)?;
             pb.set_position(off + (i * SLICE + piece.len()) as u64);
@@ -133,52 +155,100 @@ fn pump(
 }
 
 /// What `pump` may leave out.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Skip {
+#[derive(Clone, Copy)]
+enum Skip<'a> {
     Nothing,
     /// Ranges the image knows to be zero.
     Zeros,
-    /// Zeros and the data regions (already written by the content pass).
-    ZerosAndData,
+    /// Zeros and the data regions, already written to this file by the
+    /// content pass.
+    ZerosAndData(&'a File),
 }
 
-/// Writes the image into a seekable file, leaving zero runs as holes.
+/// Feeds `hash` the mapped bytes of `[start, end)` from `file`, where the
+/// content pass wrote them (`Spill`). They were written moments ago, so
+/// this reads the page cache, not the sources again: each source byte is
+/// still read once, and no compressed extent is made twice. Hashing the
+/// pieces as the content pass writes them would save this read, but pieces
+/// arrive extent by extent and a deduplicated file's are taken back, while a
+/// range's hash needs its bytes exactly once and in order.
+fn read_back(
+    file: &File,
+    hash: &mut bmap::Hasher,
+    start: u64,
+    end: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let wanted: Vec<(u64, u64)> = hash.wanted(start, end).collect();
+    for (mut at, to) in wanted {
+        while at < to {
+            let n = ((to - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            hash.feed(at, &buf[..n]);
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// The digests of a whole-image hasher (one that was fed the image in order).
+fn whole(hasher: Option<bmap::Hasher>) -> std::result::Result<Option<bmap::Digests>, Stop> {
+    hasher
+        .map(|h| {
+            let mut d = bmap::Digests::default();
+            d.add(h.finish()).map(|()| d)
+        })
+        .transpose()
+        .map_err(Stop::Read)
+}
+
+/// Writes the image into a file, leaving zero runs as holes; returns the
+/// digests of `layout`'s ranges, if given.
 fn write_sparse(
     image: &Image,
-    file: &mut File,
+    file: &File,
     opts: &ExportOptions,
     skip: Skip,
-) -> std::result::Result<(), Stop> {
+    layout: Option<&bmap::Layout>,
+) -> std::result::Result<Option<bmap::Digests>, Stop> {
     // The full size first: a filesystem that cannot hold a file this large
     // (EFBIG) says so before anything is written.
     file.set_len(image.size()).map_err(Stop::Write)?;
-    pump(image, opts, skip, |off, data| {
+    let mut hasher = layout.map(|l| l.hasher(0, l.size()));
+    pump(image, opts, skip, hasher.as_mut(), |off, data| {
         for (i, piece) in data.chunks(HOLE_GRAIN).enumerate() {
             if piece.iter().all(|&b| b == 0) {
                 continue;
             }
-            file.seek(SeekFrom::Start(off + (i * HOLE_GRAIN) as u64))?;
-            file.write_all(piece)?;
+            file.write_all_at(piece, off + (i * HOLE_GRAIN) as u64)?;
         }
         Ok(())
-    })
+    })?;
+    whole(hasher)
 }
 
+/// Streams the image (zstd frames with `opts.zstd`); returns the digests
+/// of `layout`'s ranges, if given.
 fn stream(
     image: &Image,
     out: &mut dyn Write,
     opts: &ExportOptions,
-) -> std::result::Result<(), Stop> {
+    layout: Option<&bmap::Layout>,
+) -> std::result::Result<Option<bmap::Digests>, Stop> {
     match opts.zstd {
         None => {
-            pump(image, opts, Skip::Nothing, |_, data| out.write_all(data))?;
-            out.flush().map_err(Stop::Write)
+            let mut hasher = layout.map(|l| l.hasher(0, l.size()));
+            pump(image, opts, Skip::Nothing, hasher.as_mut(), |_, data| {
+                out.write_all(data)
+            })?;
+            out.flush().map_err(Stop::Write)?;
+            whole(hasher)
         }
         Some(level) => {
             let pb = progress_bar(image, opts);
-            let r = frames::write(image, out, level, opts, &pb);
+            let r = frames::write(image, out, level, opts, &pb, layout);
             match r {
-                Ok(()) => pb.finish_and_clear(),
+                Ok(_) => pb.finish_and_clear(),
                 Err(_) => pb.abandon(),
             }
             r
@@ -190,8 +260,56 @@ fn stream(
 /// `stdout` in errors: a source file's error names the file, a write error
 /// is `stdout: reason` (kind kept, e.g. `BrokenPipe`), a cancel is
 /// `stdout: interrupted` (kind `Interrupted`).
+///
+/// With `opts.bmap`, the bmap file is written (through a temporary file)
+/// once the whole image has been streamed and flushed.
 pub fn write_stream(image: &Image, out: &mut dyn Write, opts: &ExportOptions) -> Result<()> {
-    stream(image, out, opts).map_err(|s| s.into_error(Path::new("stdout")))
+    let layout = opts.bmap.as_ref().map(|_| bmap::Layout::of(image));
+    let digests =
+        stream(image, out, opts, layout.as_ref()).map_err(|s| s.into_error(Path::new("stdout")))?;
+    let Some(bm) = prepare_bmap(opts, layout.as_ref(), digests)? else {
+        return Ok(());
+    };
+    if cancelled(opts) {
+        return Err(Error::interrupted(&bm.out.path));
+    }
+    bm.commit()
+}
+
+/// A bmap written to its temporary file, synced, waiting to be renamed.
+struct PendingBmap {
+    out: BmapOutput,
+    guard: TempOutput,
+}
+
+impl PendingBmap {
+    fn commit(mut self) -> Result<()> {
+        commit(&self.guard.path, &self.out.path, self.out.overwrite)?;
+        self.guard.committed = true;
+        Ok(())
+    }
+}
+
+/// Renders the bmap of `layout` and writes it to a temporary file next to
+/// `opts.bmap` (nothing when no bmap is wanted).
+fn prepare_bmap(
+    opts: &ExportOptions,
+    layout: Option<&bmap::Layout>,
+    digests: Option<bmap::Digests>,
+) -> Result<Option<PendingBmap>> {
+    let (Some(out), Some(layout)) = (&opts.bmap, layout) else {
+        return Ok(None);
+    };
+    let digests = digests.unwrap_or_default();
+    let bytes = bmap::render(layout, digests.as_slice()).map_err(Error::named)?;
+    let (guard, mut file) = temp_output(&out.path, out.overwrite)?;
+    file.write_all(&bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| Error::io(&out.path, e))?;
+    Ok(Some(PendingBmap {
+        out: out.clone(),
+        guard,
+    }))
 }
 
 /// A temporary output file that is removed unless committed.
@@ -245,6 +363,36 @@ pub fn check_output(path: &Path, overwrite: bool) -> Result<()> {
     }
 }
 
+/// Refuses, before any work, a bmap path that cannot or must not be written
+/// (as `check_output`), `-` (stdout carries the image, if anything), and
+/// the image's own path `image` (`-o`), however spelled.
+pub fn check_bmap_output(path: &Path, image: Option<&Path>, overwrite: bool) -> Result<()> {
+    if path.as_os_str() == "-" {
+        return Err(Error::msg(
+            "--bmap -: the bmap goes to a file (give a file name, e.g. IMAGE.bmap)",
+        ));
+    }
+    if image.is_some_and(|i| same_entry(i, path)) {
+        return Err(Error::at(
+            path,
+            "is the output image too (-o): give the bmap its own name, e.g. IMAGE.bmap",
+        ));
+    }
+    check_output(path, overwrite)
+}
+
+/// Whether two output paths are one directory entry: the same name in the
+/// same (canonical) directory. Both files are renamed into place, which
+/// replaces entries, never what a symlink or another hard link points at:
+/// distinct entries cannot clobber each other.
+fn same_entry(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| -> Option<PathBuf> {
+        let (dir, name) = output_parts(p).ok()?;
+        Some(fs::canonicalize(dir).ok()?.join(name))
+    };
+    matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// Moves the finished temporary file to `path`; without `overwrite` an
 /// output created meanwhile is not replaced (RENAME_NOREPLACE).
 fn commit(tmp: &Path, path: &Path, overwrite: bool) -> Result<()> {
@@ -287,7 +435,9 @@ fn temp_output(path: &Path, overwrite: bool) -> Result<(TempOutput, File)> {
     tmp_name.push(name);
     tmp_name.push(format!(".btrfsimg-{}.tmp", std::process::id()));
     let tmp_path = dir.join(tmp_name);
+    // Readable too: a `Spill` export hashes for the bmap what it wrote.
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o644)
@@ -302,40 +452,52 @@ fn temp_output(path: &Path, overwrite: bool) -> Result<(TempOutput, File)> {
     ))
 }
 
-/// Syncs, checks for a late signal, and renames the temporary file into place.
+/// Syncs, writes the bmap (if any) to its temporary file, checks for a
+/// late signal, and renames the image and then the bmap into place. If the
+/// bmap cannot be renamed (another process created one meanwhile), the
+/// image just committed is removed again: a failed export leaves neither,
+/// and no image sits beside a bmap that is not its own.
 fn finish(
     mut guard: TempOutput,
     file: File,
     path: &Path,
     overwrite: bool,
     opts: &ExportOptions,
+    layout: Option<&bmap::Layout>,
+    digests: Option<bmap::Digests>,
 ) -> Result<()> {
     file.sync_all()
-        .map_err(Stop::Write)
-        // A signal that came after the last chunk still means "do not finish".
-        .and_then(|()| match cancelled(opts) {
-            true => Err(Stop::Interrupted),
-            false => Ok(()),
-        })
-        .map_err(|s| s.into_error(path))?;
+        .map_err(|e| Stop::Write(e).into_error(path))?;
     drop(file);
+    let pending = prepare_bmap(opts, layout, digests)?;
+    // A signal that came after the last chunk still means "do not finish".
+    if cancelled(opts) {
+        return Err(Error::interrupted(path));
+    }
     commit(&guard.path, path, overwrite)?;
     guard.committed = true;
+    if let Some(bm) = pending {
+        if let Err(e) = bm.commit() {
+            let _ = fs::remove_file(path);
+            return Err(e);
+        }
+    }
     Ok(())
 }
 
 /// Writes the image to `path` via a temporary file renamed on success.
 pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOptions) -> Result<()> {
+    let layout = opts.bmap.as_ref().map(|_| bmap::Layout::of(image));
     let (guard, mut file) = temp_output(path, overwrite)?;
     let written = match opts.zstd {
-        None => write_sparse(image, &mut file, opts, Skip::Zeros),
+        None => write_sparse(image, &file, opts, Skip::Zeros, layout.as_ref()),
         Some(_) => {
             let mut w = io::BufWriter::with_capacity(1 << 20, &mut file);
-            stream(image, &mut w, opts)
+            stream(image, &mut w, opts, layout.as_ref())
         }
     };
-    written.map_err(|s| s.into_error(path))?;
-    finish(guard, file, path, overwrite, opts)
+    let digests = written.map_err(|s| s.into_error(path))?;
+    finish(guard, file, path, overwrite, opts, layout.as_ref(), digests)
 }
 
 /// A file export whose data region is written by the content pass itself:
@@ -499,9 +661,26 @@ impl Spill {
         }
         image.preload_csums(&self.csums);
         self.file()?;
-        let (guard, mut file) = self.out.take().expect("created above");
-        write_sparse(image, &mut file, opts, Skip::ZerosAndData)
-            .map_err(|s| s.into_error(&self.path))?;
-        finish(guard, file, &self.path, self.overwrite, opts)
+        let Some((guard, file)) = self.out.take() else {
+            return Err(Error::msg("internal error: no output file"));
+        };
+        let layout = opts.bmap.as_ref().map(|_| bmap::Layout::of(image));
+        let digests = write_sparse(
+            image,
+            &file,
+            opts,
+            Skip::ZerosAndData(&file),
+            layout.as_ref(),
+        )
+        .map_err(|s| s.into_error(&self.path))?;
+        finish(
+            guard,
+            file,
+            &self.path,
+            self.overwrite,
+            opts,
+            layout.as_ref(),
+            digests,
+        )
     }
 }

@@ -72,6 +72,8 @@ pub fn package_of(tool: &str) -> &'static str {
         "setfattr" | "getfattr" => "attr",
         "setcap" | "getcap" => "libcap2-bin",
         "mkfs.ext4" => "e2fsprogs",
+        "bmaptool" => "bmap-tools",
+        "blkid" => "util-linux",
         "zstd" => "zstd",
         "git" => "git",
         "compsize" => "btrfs-compsize",
