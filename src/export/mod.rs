@@ -91,13 +91,14 @@ fn cancelled(opts: &ExportOptions) -> bool {
         .is_some_and(|c| c.load(Ordering::Relaxed))
 }
 
-/// Feeds the whole image, in order, to `sink(offset, bytes)`. With `skip_zero`,
-/// ranges the image knows to be zero are not produced (the sink sees a gap,
-/// and the walk jumps over it however large it is).
 /// Bytes handed to the sink at once: small enough that the progress bar
 /// moves at least every second even behind a slow encoder (zstd -19).
 const SLICE: usize = 256 << 10;
 
+/// Feeds the whole image, in order, to `sink(offset, bytes)`. With `skip`,
+/// ranges the image knows to be zero (and with `Skip::ZerosAndData` the data
+/// regions) are not produced: the sink sees a gap, and the walk jumps over
+/// it however large it is.
 ///
 /// `hash`, if given, is fed every byte produced, and with
 /// `Skip::ZerosAndData` the mapped bytes of the skipped data regions, read
