@@ -229,6 +229,11 @@ struct ImageArgs {
     /// are never stored compressed.
     #[arg(long = "inode-flags", value_name = "FLAGS:PATH")]
     inode_flags: Vec<String>,
+    /// Also write the layout record to FILE: where each file's data lives in
+    /// this image (JSON Lines, see the README); replaced if it exists.
+    /// Written when the image is complete (export) or served (mount, serve).
+    #[arg(long, value_name = "FILE")]
+    write_layout: Option<PathBuf>,
 }
 
 /// The filesystem features `-O` may name (mkfs.btrfs's spelling).
@@ -322,6 +327,10 @@ fn parse_owner(s: &str) -> Result<(u32, u32), Error> {
 }
 
 fn options(a: &ImageArgs) -> Result<Options, Error> {
+    if let Some(p) = &a.write_layout {
+        // The record's directory must exist before anything is planned.
+        export::check_output(p, true)?;
+    }
     let timestamp = match &a.timestamp {
         Some(t) => t.parse::<i64>().map_err(|_| {
             Error::msg(format!(
@@ -453,6 +462,33 @@ fn sources(root: Option<PathBuf>, a: &ImageArgs) -> Result<Sources, Error> {
     })
 }
 
+/// Writes the layout record of `plan` to `path` (if given) through a
+/// temporary file beside it, renamed when complete.
+fn write_layout(path: Option<&std::path::Path>, plan: &plan::Plan) -> Result<(), Error> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::at(path, "not a file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".btrfsimg-{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = std::fs::File::create(&tmp).and_then(|f| {
+        let mut w = io::BufWriter::new(f);
+        plan::record::write(plan, &mut w)?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+    });
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(Error::io(path, e))
+        }
+    }
+}
+
 /// The last termination signal an export received (0: none).
 static SIGNAL: AtomicUsize = AtomicUsize::new(0);
 
@@ -562,10 +598,9 @@ fn run(cli: Cli) -> Result<(), Error> {
                 plan.extents.len()
             );
             let img = Image::new(plan);
-            if let Some(s) = spill {
-                return s.finish(&img, &eopts);
-            }
-            if to_stdout {
+            let written = if let Some(s) = spill {
+                s.finish(&img, &eopts)
+            } else if to_stdout {
                 let stdout = io::stdout();
                 let mut lock = stdout.lock();
                 match export::write_stream(&img, &mut lock, &eopts) {
@@ -580,13 +615,16 @@ fn run(cli: Cli) -> Result<(), Error> {
             } else {
                 let path = output.unwrap_or_default();
                 export::write_file(&img, &path, force, &eopts)
-            }
+            };
+            written?;
+            write_layout(image.write_layout.as_deref(), img.plan())
         }
         Cmd::Plan { root, image, bytes } => {
             let opts = options(&image)?;
             let srcs = sources(root, &image)?;
             let start = std::time::Instant::now();
             let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal(), 0, None)?;
+            write_layout(image.write_layout.as_deref(), &plan)?;
             let secs = start.elapsed().as_secs_f64();
             let text = match bytes {
                 true => format!("{}\n", plan.total_bytes),
@@ -653,6 +691,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 })
                 .map_err(|e| Error::msg(format!("cannot install signal handler: {e}")))?;
             let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal(), 0, None)?;
+            write_layout(image.write_layout.as_deref(), &plan)?;
             let img = Arc::new(Image::with_block_cache(plan, cache as usize));
             planning.store(false, Ordering::SeqCst);
             server.run(img, &sopts, &shutdown, |uri| {
@@ -685,6 +724,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             )?;
             fuse::check_mountpoint(&mountpoint)?;
             let plan = plan_with_progress(&srcs, &opts, io::stderr().is_terminal(), 0, None)?;
+            write_layout(image.write_layout.as_deref(), &plan)?;
             let img = std::sync::Arc::new(Image::with_block_cache(plan, cache as usize));
             fuse::serve(img, &mountpoint, &mopts, |path| {
                 use std::io::Write;

@@ -14,6 +14,7 @@ pub mod items;
 pub mod layout;
 pub mod limits;
 pub mod pack;
+pub mod record;
 pub mod space;
 pub mod subvol;
 pub mod tree_id;
