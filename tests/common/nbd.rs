@@ -226,6 +226,11 @@ impl Raw {
     pub fn ready(path: &Path) -> (Raw, u64) {
         let mut c = Raw::connect(path);
         c.hello();
+        Raw::ready_on(c)
+    }
+
+    /// `ready` on a client past the greeting.
+    pub fn ready_on(mut c: Raw) -> (Raw, u64) {
         c.send_option(OPT_STRUCTURED_REPLY, &[]);
         assert_eq!(c.option_reply().1, REP_ACK);
         c.send_option(
