@@ -97,7 +97,7 @@ enum Cmd {
         #[arg(long, value_name = "SECONDS", default_value_t = 30)]
         handshake_timeout: u64,
         /// Threads answering each connection's requests side by side (TLS
-        /// connections: one at a time).
+        /// connections: one at a time); at most 64.
         #[arg(long, default_value_t = 4)]
         threads: usize,
         /// Memory for encoded tree blocks (see mount --cache-size).
@@ -462,32 +462,17 @@ fn sources(root: Option<PathBuf>, a: &ImageArgs) -> Result<Sources, Error> {
     })
 }
 
-/// Writes the layout record of `plan` to `path` (if given) through a
-/// temporary file beside it, renamed when complete.
+/// Writes the layout record of `plan` to `path`, if given (replacing what
+/// is there).
 fn write_layout(path: Option<&std::path::Path>, plan: &plan::Plan) -> Result<(), Error> {
-    let Some(path) = path else {
-        return Ok(());
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::at(path, "not a file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".btrfsimg-{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let written = std::fs::File::create(&tmp).and_then(|f| {
-        let mut w = io::BufWriter::new(f);
-        plan::record::write(plan, &mut w)?;
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()
-    });
-    match written.and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(Error::io(path, e))
-        }
+    match path {
+        Some(p) => export::write_whole(p, true, |w| plan::record::write(plan, w)),
+        None => Ok(()),
     }
 }
+
+/// Workers per NBD connection `serve --threads` accepts.
+const MAX_SERVE_THREADS: usize = 64;
 
 /// The last termination signal an export received (0: none).
 static SIGNAL: AtomicUsize = AtomicUsize::new(0);
@@ -665,6 +650,13 @@ fn run(cli: Cli) -> Result<(), Error> {
                 (None, Some(l)) => serve::Listen::parse_tcp(&l)?,
                 (None, None) => unreachable!("clap requires --socket or --listen"),
             };
+            // Each connection starts this many threads: bounded, so that no
+            // value makes thread creation fail (which would abort).
+            if threads > MAX_SERVE_THREADS {
+                return Err(Error::msg(format!(
+                    "invalid --threads {threads}: at most {MAX_SERVE_THREADS} per connection"
+                )));
+            }
             if max_connections == 0 {
                 return Err(Error::msg(
                     "invalid --max-connections 0: at least 1 is needed",

@@ -515,6 +515,17 @@ fn caps_and_timeouts() {
     srv.stop();
 }
 
+/// A handshake timeout too long for the clock (`--handshake-timeout
+/// 18446744073709551615`) is no timeout, not a panic in every session.
+#[test]
+fn endless_handshake_timeout() {
+    let img = Arc::new(image());
+    let reference = reference(&img);
+    let srv = Running::start(img.clone(), |o| o.handshake_timeout = Duration::MAX);
+    good_client_reads(&srv.sock, &reference);
+    srv.stop();
+}
+
 #[test]
 fn shutdown_ends_idle_and_busy_sessions() {
     let img = Arc::new(image());

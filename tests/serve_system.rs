@@ -339,21 +339,19 @@ fn tls_is_required_and_verified() {
     make_certs(&other, "some other CA");
     let cert = pki.join("server-cert.pem");
     let key = pki.join("server-key.pem");
-    let mut srv = Served::start(
-        &args(
-            &src,
-            uuid,
-            &[
-                OsStr::new("--listen"),
-                OsStr::new("127.0.0.1:0"),
-                OsStr::new("--tls-cert"),
-                cert.as_os_str(),
-                OsStr::new("--tls-key"),
-                key.as_os_str(),
-            ],
-        ),
-        &work.path().join("tls.log"),
-    );
+    let tls_server = |more: &[&OsStr], log: &str| {
+        let mut a: Vec<&OsStr> = vec![
+            OsStr::new("--listen"),
+            OsStr::new("127.0.0.1:0"),
+            OsStr::new("--tls-cert"),
+            cert.as_os_str(),
+            OsStr::new("--tls-key"),
+            key.as_os_str(),
+        ];
+        a.extend(more);
+        Served::start(&args(&src, uuid, &a), &work.path().join(log))
+    };
+    let mut srv = tls_server(&[], "tls.log");
     assert!(srv.uri.starts_with("nbds://127.0.0.1:"), "{}", srv.uri);
     let port = srv.port();
     let out = work.path().join("out.img");
@@ -392,23 +390,7 @@ fn tls_is_required_and_verified() {
 
     // With --tls-client-ca, clients must present a certificate of that CA.
     let ca = pki.join("ca-cert.pem");
-    let mut srv = Served::start(
-        &args(
-            &src,
-            uuid,
-            &[
-                OsStr::new("--listen"),
-                OsStr::new("127.0.0.1:0"),
-                OsStr::new("--tls-cert"),
-                cert.as_os_str(),
-                OsStr::new("--tls-key"),
-                key.as_os_str(),
-                OsStr::new("--tls-client-ca"),
-                ca.as_os_str(),
-            ],
-        ),
-        &work.path().join("mtls.log"),
-    );
+    let mut srv = tls_server(&[OsStr::new("--tls-client-ca"), ca.as_os_str()], "mtls.log");
     let port = srv.port();
     assert!(
         !qemu_tls(port, &good, &out).status.success(),
@@ -529,6 +511,16 @@ fn serve_bad_input_is_one_line() {
                 "0".into(),
             ],
             vec!["--max-connections".into()],
+        ),
+        (
+            "absurd --threads",
+            vec![
+                "--socket".into(),
+                p(&work.path().join("s")),
+                "--threads".into(),
+                "1000000000".into(),
+            ],
+            vec!["invalid --threads 1000000000".into()],
         ),
     ];
     for (what, extra, fragments) in cases {

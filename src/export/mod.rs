@@ -453,6 +453,25 @@ fn temp_output(path: &Path, overwrite: bool) -> Result<(TempOutput, File)> {
     ))
 }
 
+/// Writes a small file that goes with an image (the layout record) as the
+/// image is written: through a temporary file beside it, synced, renamed
+/// into place when complete; a failure leaves nothing.
+pub fn write_whole(
+    path: &Path,
+    overwrite: bool,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<()> {
+    let (mut guard, file) = temp_output(path, overwrite)?;
+    let mut w = io::BufWriter::new(file);
+    write(&mut w)
+        .and_then(|()| w.into_inner().map_err(|e| e.into_error()))
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))?;
+    commit(&guard.path, path, overwrite)?;
+    guard.committed = true;
+    Ok(())
+}
+
 /// Syncs, writes the bmap (if any) to its temporary file, checks for a
 /// late signal, and renames the image and then the bmap into place. If the
 /// bmap cannot be renamed (another process created one meanwhile), the

@@ -142,8 +142,10 @@ impl AllocationMap {
     /// First unmapped offset at or after `offset` (SEEK_HOLE); the image's end
     /// counts as one.
     pub fn next_hole(&self, offset: u64) -> u64 {
-        match self.at(offset.min(self.size.saturating_sub(1))) {
-            _ if offset >= self.size => self.size,
+        if offset >= self.size {
+            return self.size;
+        }
+        match self.at(offset) {
             (true, end) => end,
             (false, _) => offset,
         }

@@ -160,10 +160,6 @@ fn header(plan: &Plan) -> Header {
 
 /// Writes the record of `plan` to `out`.
 pub fn write(plan: &Plan, out: &mut dyn Write) -> io::Result<()> {
-    let line = |out: &mut dyn Write, v: &dyn erased::Ser| -> io::Result<()> {
-        v.write_json(out)?;
-        out.write_all(b"\n")
-    };
     line(out, &header(plan))?;
     let mut by_node: BTreeMap<u32, Vec<ExtentRecord>> = BTreeMap::new();
     for e in plan.extents.iter() {
@@ -255,19 +251,10 @@ pub fn read(r: impl BufRead) -> Result<Record> {
     Ok(Record { header, files })
 }
 
-/// Serializing the two line types through one closure.
-mod erased {
-    use std::io::{self, Write};
-
-    pub trait Ser {
-        fn write_json(&self, out: &mut dyn Write) -> io::Result<()>;
-    }
-
-    impl<T: serde::Serialize> Ser for T {
-        fn write_json(&self, out: &mut dyn Write) -> io::Result<()> {
-            serde_json::to_writer(out, self).map_err(io::Error::other)
-        }
-    }
+/// One JSON line.
+fn line(out: &mut dyn Write, v: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, v).map_err(io::Error::other)?;
+    out.write_all(b"\n")
 }
 
 #[cfg(test)]

@@ -109,8 +109,7 @@ impl Shutdown {
     }
 
     pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        let _ = (&self.wake_write).write(&[1]);
+        wake(&self.flag, &self.wake_write);
     }
 
     /// A handle that can trigger this shutdown from another thread.
@@ -134,9 +133,14 @@ pub struct ShutdownHandle {
 
 impl ShutdownHandle {
     pub fn trigger(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        let _ = (&self.wake).write(&[1]);
+        wake(&self.flag, &self.wake);
     }
+}
+
+/// Sets the stop flag, then wakes the accept loop.
+fn wake(flag: &AtomicBool, wake: &UnixStream) {
+    flag.store(true, Ordering::SeqCst);
+    let _ = (&*wake).write(&[1]);
 }
 
 enum Listener {
