@@ -142,6 +142,9 @@ pub struct ContentOptions {
 /// when the pieces of the file last given turned out to duplicate an earlier
 /// file's (dedupe): they are not stored after all.
 pub trait PieceSink {
+    /// Given, before any piece, the allocator the plan will place data
+    /// with (the same base layout), so pieces go where the plan puts them.
+    fn start(&mut self, alloc: crate::plan::data::DataAllocator);
     fn piece(&mut self, node: u32, piece: &Piece, bytes: &[u8]) -> Result<()>;
     fn discard(&mut self, node: u32) -> Result<()>;
 }

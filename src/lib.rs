@@ -135,6 +135,13 @@ pub fn plan_tree(
         &opts.inode_flags,
         &plan::subvol::roots(&tree, &opts.subvolumes)?,
     )?);
+    let mut sink = sink;
+    if let Some(s) = sink.as_mut() {
+        s.start(plan::data::DataAllocator::for_tree(
+            &tree,
+            opts.base.as_deref(),
+        ));
+    }
     let index = {
         let reader = source::files::reader(tree.clone());
         content::scan(

@@ -234,6 +234,18 @@ struct ImageArgs {
     /// Written when the image is complete (export) or served (mount, serve).
     #[arg(long, value_name = "FILE")]
     write_layout: Option<PathBuf>,
+    /// Plan this image as an update of the image whose layout record FILE
+    /// is: files unchanged since then (same path, size, mtime and mode)
+    /// keep their data where it was, new data fills freed space first, and
+    /// its chunks stay in place, so a block-based update sends little. The
+    /// record must come from the same options (node size, checksum,
+    /// metadata profile, compression, dedupe).
+    #[arg(long, value_name = "FILE")]
+    base_layout: Option<PathBuf>,
+    /// A --base-layout that is missing, corrupt or made with other options
+    /// is a warning and the image gets a fresh layout (first builds).
+    #[arg(long, requires = "base_layout")]
+    base_layout_optional: bool,
 }
 
 /// The filesystem features `-O` may name (mkfs.btrfs's spelling).
@@ -396,6 +408,15 @@ fn options(a: &ImageArgs) -> Result<Options, Error> {
         .iter()
         .map(|s| btrfsimg::plan::inode_flags::InodeFlagsSpec::parse(s))
         .collect::<Result<_, _>>()?;
+    if let Some(p) = &a.base_layout {
+        match btrfsimg::plan::base::Base::load(p, &opts) {
+            Ok(b) => opts.base = Some(Arc::new(b)),
+            Err(e) if a.base_layout_optional => {
+                log::warn!("{e}; planning a fresh layout")
+            }
+            Err(e) => return Err(e),
+        }
+    }
     Ok(opts)
 }
 

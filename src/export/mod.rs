@@ -530,17 +530,17 @@ pub struct Spill {
     path: PathBuf,
     overwrite: bool,
     out: Option<(TempOutput, File)>,
-    alloc: DataAllocator,
+    /// The plan's allocator, given by `start`; its extents are the ones
+    /// written, to compare with the plan's.
+    alloc: Option<DataAllocator>,
     /// How data sectors are checksummed.
     csum: CsumType,
     /// Checksums of data sectors from DATA_START, as written (`csum.size()`
     /// bytes each).
     csums: Vec<u8>,
-    /// The placed extents, to compare with the plan's.
-    placed: Vec<DataExtent>,
-    /// The file being written: its node, where its data started, and how
-    /// many extents were placed before it (to take it back: dedupe).
-    current: Option<(u32, u64, usize)>,
+    /// The node of the file being written (placed since the allocator's
+    /// checkpoint, to take it back: dedupe).
+    current: Option<u32>,
     /// Cleared before the temporary file exists (signals then stop the
     /// export instead of ending the process).
     reading: Option<Arc<AtomicBool>>,
@@ -561,14 +561,9 @@ impl Spill {
             path: path.to_path_buf(),
             overwrite,
             out: None,
-            alloc: DataAllocator::new(
-                space::DATA_START,
-                space::DATA_CHUNK_MAX,
-                space::data_exclusions(space::DATA_START),
-            ),
+            alloc: None,
             csum,
             csums: Vec::new(),
-            placed: Vec::new(),
             current: None,
             reading,
             cancel,
@@ -583,6 +578,12 @@ impl Spill {
             self.out = Some(temp_output(&self.path, self.overwrite)?);
         }
         Ok(&mut self.out.as_mut().expect("just created").1)
+    }
+
+    fn alloc(&mut self) -> Result<&mut DataAllocator> {
+        self.alloc
+            .as_mut()
+            .ok_or_else(|| Error::msg("internal error: pieces before the allocator"))
     }
 
     /// Zeros `[start, end)` of the output (a taken-back file's data).
@@ -608,15 +609,18 @@ impl Spill {
 }
 
 impl PieceSink for Spill {
+    fn start(&mut self, alloc: DataAllocator) {
+        self.alloc = Some(alloc);
+    }
+
     fn discard(&mut self, node: u32) -> Result<()> {
-        let Some((n, start, before)) = self.current.take() else {
+        let Some(n) = self.current.take() else {
             return Ok(());
         };
         debug_assert_eq!(n, node);
-        let end = self.alloc.pos;
-        self.clear(start, end)?;
-        self.alloc.pos = start;
-        self.placed.truncate(before);
+        for e in self.alloc()?.rollback() {
+            self.clear(e.logical, e.end())?;
+        }
         Ok(())
     }
 
@@ -628,15 +632,16 @@ impl PieceSink for Spill {
         {
             return Err(Error::interrupted(&self.path));
         }
-        if self.current.is_none_or(|c| c.0 != node) {
-            self.current = Some((node, self.alloc.pos, self.placed.len()));
+        if self.current != Some(node) {
+            self.current = Some(node);
+            self.alloc()?.checkpoint();
         }
-        let before = self.alloc.extents.len();
-        self.alloc.place_pieces(node, std::slice::from_ref(piece));
-        let placed: Vec<DataExtent> = self.alloc.extents.drain(before..).collect();
+        let alloc = self.alloc()?;
+        let before = alloc.extents.len();
+        alloc.place_pieces(node, std::slice::from_ref(piece));
+        let placed: Vec<DataExtent> = alloc.extents[before..].to_vec();
         let path = self.path.clone();
         for e in placed {
-            self.placed.push(e);
             let from = match e.algorithm {
                 Some(_) => 0,
                 None => (e.file_offset - piece.file_offset) as usize,
@@ -674,7 +679,8 @@ impl Spill {
                 "internal error: the plan checksums data otherwise than the content pass did",
             ));
         }
-        if image.plan().extents[..] != self.placed[..] {
+        let placed = self.alloc.take().map(|a| a.extents).unwrap_or_default();
+        if image.plan().extents[..] != placed[..] {
             return Err(Error::msg(
                 "internal error: the plan placed file data elsewhere than the content pass wrote it",
             ));

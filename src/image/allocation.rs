@@ -84,7 +84,7 @@ impl AllocationMap {
             .filter(|c| c.ty & crate::format::BLOCK_GROUP_DATA != 0)
             .collect();
         let mut ci = 0;
-        for e in plan.extents.iter() {
+        for e in plan.by_logical.iter().map(|&i| &plan.extents[i as usize]) {
             // An extent may cross from one data chunk into the next.
             let mut at = e.logical;
             while at < e.end() {

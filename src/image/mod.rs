@@ -251,12 +251,13 @@ impl Image {
     /// Serves logical data bytes and records the checksum of every whole sector.
     fn read_data(&self, logical: u64, out: &mut [u8]) -> io::Result<()> {
         let exts = &self.plan.extents;
+        let order = &self.plan.by_logical;
         let end = logical + out.len() as u64;
-        let mut i = exts.partition_point(|e| e.end() <= logical);
+        let mut i = order.partition_point(|&k| exts[k as usize].end() <= logical);
         let mut pos = logical;
         while pos < end {
             let o = (pos - logical) as usize;
-            match exts.get(i) {
+            match order.get(i).map(|&k| &exts[k as usize]) {
                 Some(e) if e.logical < end => {
                     if e.logical > pos {
                         let n = (e.logical - pos) as usize;

@@ -1,11 +1,17 @@
 //! Data placement: every regular file's data segments become extents packed
 //! back to back in DATA chunks, in inode order, so a sequential read of the image
-//! reads each source file once, front to back.
+//! reads each source file once, front to back. With a base layout, unchanged
+//! files keep their extents and new data fills the space the base freed
+//! before the data area grows, so an update rewrites little of the image.
 
+use super::base::{Base, BaseExtent};
+use super::gaps::Gaps;
+use super::space;
 use crate::compress::Algorithm;
 use crate::content::Piece;
 use crate::format::SECTOR_SIZE;
-use crate::source::{Segment, Segments};
+use crate::source::{Segment, Segments, SourceTree};
+use std::collections::BTreeMap;
 
 /// Largest extent the kernel itself creates.
 pub const MAX_EXTENT: u64 = 128 << 20;
@@ -79,14 +85,24 @@ pub struct Excluded {
     pub len: u64,
 }
 
-/// Appends extents to the data area, cutting them at chunk boundaries and around
-/// excluded ranges.
+/// Places extents: into the free space of a base layout's data chunks first
+/// (lowest address first), then appended to the data area, cutting them at
+/// chunk boundaries and around excluded ranges. Files unchanged since the
+/// base keep their recorded extents, reserved before anything is placed.
 pub struct DataAllocator {
+    /// Where the appended data area starts.
     pub start: u64,
+    /// End of the appended data so far.
     pub pos: u64,
     chunk_size: u64,
     excluded: Vec<Excluded>,
+    /// Free space in the base's data chunks.
+    gaps: Gaps,
+    /// Unchanged files' recorded extents (reserved: not in `gaps`).
+    reuse: BTreeMap<u32, Vec<BaseExtent>>,
     pub extents: Vec<DataExtent>,
+    /// `extents.len()` and `pos` at the last checkpoint.
+    mark: (usize, u64),
 }
 
 impl DataAllocator {
@@ -96,8 +112,58 @@ impl DataAllocator {
             pos: start,
             chunk_size,
             excluded,
+            gaps: Gaps::new([], Vec::new(), SECTOR_SIZE),
+            reuse: BTreeMap::new(),
             extents: Vec::new(),
+            mark: (0, start),
         }
+    }
+
+    /// The allocator of an image of `tree`: a fresh data area from
+    /// `DATA_START`, or, with a base layout, the base's data chunks (its
+    /// unchanged files' extents reserved) and a data area after everything
+    /// the base allocated.
+    pub fn for_tree(tree: &SourceTree, base: Option<&Base>) -> Self {
+        let Some(base) = base else {
+            let start = space::DATA_START;
+            return DataAllocator::new(start, space::DATA_CHUNK_MAX, space::data_exclusions(start));
+        };
+        let mut a = DataAllocator::new(
+            base.end,
+            space::DATA_CHUNK_MAX,
+            space::data_exclusions(base.end),
+        );
+        let mut free = Vec::new();
+        for c in &base.data_chunks {
+            let mut pos = c.logical;
+            for x in c.excluded() {
+                free.push((pos, x.start.max(pos)));
+                pos = pos.max(x.start + x.len);
+            }
+            free.push((pos, c.end().max(pos)));
+        }
+        a.gaps = Gaps::new(
+            free,
+            base.data_chunks.iter().map(|c| c.logical).collect(),
+            SECTOR_SIZE,
+        );
+        for (node, extents) in base.matches(tree) {
+            // A checked base never claims a byte twice or outside its data
+            // chunks; a file whose extents are not all free keeps none.
+            if extents.iter().all(|e| a.gaps.is_free(e.logical, e.end())) {
+                for e in extents {
+                    a.gaps.take(e.logical, e.end());
+                }
+                a.reuse.insert(node, extents.to_vec());
+            }
+        }
+        a.gaps.checkpoint();
+        a
+    }
+
+    /// Free bytes left in the base's data chunks.
+    pub fn free_in_base(&self) -> u64 {
+        self.gaps.total()
     }
 
     /// Places one file's data segments.
@@ -124,7 +190,28 @@ impl DataAllocator {
                 ),
                 Some(a) => {
                     let disk = p.disk();
-                    let at = self.fit(disk);
+                    let kept = self.reuse.get(&node).and_then(|r| {
+                        r.iter().find(|e| {
+                            e.file_offset == p.file_offset
+                                && e.ram == p.ram as u64
+                                && e.disk == disk
+                                && e.algorithm == Some(a)
+                        })
+                    });
+                    let at = match kept {
+                        Some(e) => e.logical,
+                        None => match self.gaps.first_fit(disk) {
+                            Some((s, _)) => {
+                                self.gaps.take(s, s + disk);
+                                s
+                            }
+                            None => {
+                                let at = self.fit(disk);
+                                self.pos = at + disk;
+                                at
+                            }
+                        },
+                    };
                     self.extents.push(DataExtent::compressed(
                         at,
                         disk,
@@ -133,10 +220,23 @@ impl DataAllocator {
                         p.file_offset,
                         a,
                     ));
-                    self.pos = at + disk;
                 }
             }
         }
+    }
+
+    /// Marks the state `rollback` returns to (the start of a file).
+    pub fn checkpoint(&mut self) {
+        self.mark = (self.extents.len(), self.pos);
+        self.gaps.checkpoint();
+    }
+
+    /// Takes back everything placed since the checkpoint, and returns it.
+    pub fn rollback(&mut self) -> Vec<DataExtent> {
+        let undone = self.extents.split_off(self.mark.0);
+        self.pos = self.mark.1;
+        self.gaps.rollback();
+        undone
     }
 
     /// The first position from `pos` where `len` bytes fit without crossing
@@ -161,10 +261,47 @@ impl DataAllocator {
         }
     }
 
+    /// The recorded raw extents of an unchanged file that hold exactly
+    /// `seg` of it, back to back in the file.
+    fn kept_raw(&self, node: u32, seg: Segment) -> Option<&[BaseExtent]> {
+        let r = self.reuse.get(&node)?;
+        let first = r.iter().position(|e| e.file_offset == seg.offset)?;
+        let mut at = seg.offset;
+        let end = seg.offset + seg.len;
+        for (k, e) in r[first..].iter().enumerate() {
+            if e.algorithm.is_some() || e.file_offset != at {
+                return None;
+            }
+            at += e.disk;
+            if at == end {
+                return Some(&r[first..first + k + 1]);
+            }
+            if at > end {
+                return None;
+            }
+        }
+        None
+    }
+
     fn place_raw(&mut self, node: u32, seg: Segment) {
+        if let Some(kept) = self.kept_raw(node, seg) {
+            let v: Vec<DataExtent> = kept
+                .iter()
+                .map(|e| DataExtent::new(e.logical, e.disk, node, e.file_offset))
+                .collect();
+            self.extents.extend(v);
+            return;
+        }
         let mut off = seg.offset;
         let end = seg.offset + seg.len;
         while off < end {
+            if let Some((s, e)) = self.gaps.first_fit(SECTOR_SIZE) {
+                let len = (end - off).min(MAX_EXTENT).min(e - s);
+                self.gaps.take(s, s + len);
+                self.extents.push(DataExtent::new(s, len, node, off));
+                off += len;
+                continue;
+            }
             if let Some(x) = self
                 .excluded
                 .iter()

@@ -24,8 +24,11 @@ pub struct LayoutInput<'a> {
     pub dup: bool,
     /// Keep free metadata for a first read-write mount (see `metadata_slack`).
     pub rw_slack: bool,
-    /// Where metadata starts (physical = logical): the end of the data chunks.
+    /// Where new metadata chunks start (physical = logical): past the data
+    /// chunks (and past everything a base allocated).
     pub meta_start: u64,
+    /// The base layout's metadata and system chunks, kept in place.
+    pub keep: Option<Kept<'a>>,
     pub data_chunks: &'a [Chunk],
     pub extents: &'a Arc<Vec<DataExtent>>,
     pub owners: &'a Arc<dyn ExtentOwners>,
@@ -35,6 +38,20 @@ pub struct LayoutInput<'a> {
     /// Block groups in a block-group tree of their own rather than in the
     /// extent tree.
     pub block_group_tree: bool,
+}
+
+/// Chunks an update keeps from its base: tree blocks fill the metadata
+/// chunks first (new ones follow only when they are full), and the chunk
+/// tree stays in the system chunk while it fits with its headroom.
+#[derive(Clone, Copy)]
+pub struct Kept<'a> {
+    pub metadata: &'a [Chunk],
+    pub system: Option<&'a Chunk>,
+}
+
+/// Bytes of tree blocks a chunk holds around its excluded ranges.
+fn usable(c: &Chunk, nodesize: u64) -> u64 {
+    space::block_slots(c, nodesize).count() as u64 * nodesize
 }
 
 /// The converged layout.
@@ -129,24 +146,54 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
         } else {
             0
         };
-        let mut metas = space::metadata_chunks(
-            input.meta_start,
-            meta_blocks * n64 + slack,
-            input.dup,
-            ty(BLOCK_GROUP_METADATA, input.dup),
-        );
-        let meta_end = metas.last().map_or(input.meta_start, |m| {
-            m.stripes.last().copied().unwrap_or(0) + m.length
-        });
+        let need = meta_blocks * n64 + slack;
+        let mut metas: Vec<Chunk> = Vec::new();
+        let mut have = 0;
+        if let Some(k) = input.keep {
+            for c in k.metadata {
+                metas.push(Chunk {
+                    used: 0,
+                    ..c.clone()
+                });
+                have += usable(c, n64);
+            }
+        }
+        if have < need || metas.is_empty() {
+            metas.extend(space::metadata_chunks(
+                input.meta_start,
+                need - have.min(need),
+                input.dup,
+                ty(BLOCK_GROUP_METADATA, input.dup),
+            ));
+        }
+        let meta_end = metas
+            .iter()
+            .flat_map(|m| m.stripes.iter().map(move |s| s + m.length))
+            .chain([input.meta_start])
+            .max()
+            .expect("the chain is never empty");
         let chunk_blocks = shapes[shapes.len() - 1].blocks();
-        let mut system = space::system_chunk(
-            meta_end,
-            chunk_blocks,
-            input.dup,
-            ty(BLOCK_GROUP_SYSTEM, input.dup),
-            input.nodesize,
-        );
-        let end = system.stripes.last().copied().unwrap_or(meta_end) + system.length;
+        let sys_need = chunk_blocks as u64 * n64 + space::system_headroom(input.nodesize);
+        let mut system = match input.keep.and_then(|k| k.system) {
+            Some(c) if usable(c, n64) >= sys_need => Chunk {
+                used: 0,
+                ..c.clone()
+            },
+            _ => space::system_chunk(
+                meta_end,
+                chunk_blocks,
+                input.dup,
+                ty(BLOCK_GROUP_SYSTEM, input.dup),
+                input.nodesize,
+            ),
+        };
+        let end = metas
+            .iter()
+            .chain([&system])
+            .chain(input.data_chunks)
+            .flat_map(|c| c.stripes.iter().map(move |s| s + c.length))
+            .max()
+            .expect("there is a system chunk");
 
         // Addresses: each tree's leaves first, then each node level, root last.
         let mut blocks: Vec<BlockInfo> = Vec::new();

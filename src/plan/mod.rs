@@ -7,8 +7,10 @@
 //! is known before any address, the metadata layout (a fixed point), and the
 //! final assembly of the trees that point at addresses.
 
+pub mod base;
 pub mod data;
 pub mod fs;
+pub mod gaps;
 pub mod inode_flags;
 pub mod items;
 pub mod layout;
@@ -72,6 +74,9 @@ pub struct Options {
     pub block_group_tree: bool,
     /// `--inode-flags`: inodes without data copy-on-write or checksums.
     pub inode_flags: Vec<inode_flags::InodeFlagsSpec>,
+    /// `--base-layout`: the image this one updates; unchanged files keep
+    /// their data where it was, its chunks stay in place.
+    pub base: Option<Arc<base::Base>>,
 }
 
 impl Default for Options {
@@ -93,6 +98,7 @@ impl Default for Options {
             csum: CsumType::Crc32c,
             block_group_tree: false,
             inode_flags: Vec::new(),
+            base: None,
         }
     }
 }
@@ -139,7 +145,10 @@ pub struct Plan {
     pub source: Arc<SourceTree>,
     /// The content pass's result (compressed sizes, kept payloads), if any.
     pub content: Option<Arc<ContentIndex>>,
+    /// Every data extent, in placement order (tree by tree, inode by inode).
     pub extents: Arc<Vec<DataExtent>>,
+    /// Indexes of `extents` by logical address.
+    pub by_logical: Arc<Vec<u32>>,
     pub trees: Vec<TreePlan>,
     /// Every tree block, sorted by logical address.
     pub blocks: Vec<BlockRef>,
@@ -274,24 +283,30 @@ impl Ids {
 
 /// File data placed in DATA chunks.
 struct Placement {
+    /// In placement order: tree by tree, inode by inode.
     extents: Arc<Vec<DataExtent>>,
+    /// Indexes of `extents` by logical address.
+    by_logical: Arc<Vec<u32>>,
     /// Each fs tree's own extents, in `extents`.
     own: Vec<std::ops::Range<usize>>,
     chunks: Vec<Chunk>,
+    /// Past the last data extent.
     end: u64,
+    /// Where metadata chunks new to this image may start.
+    meta_start: u64,
 }
 
-/// Packs every regular file's data, tree by tree in inode order, from
-/// `space::DATA_START`: as the content pass cut it, or (without one) as its
-/// data segments.
+/// Packs every regular file's data, tree by tree in inode order: as the
+/// content pass cut it, or (without one) as its data segments; from
+/// `space::DATA_START`, or into a base layout's free space and then after
+/// it.
 fn place_data(
     tree: &SourceTree,
     fs_trees: &[FsItems],
     content: Option<&ContentIndex>,
     opts: &Options,
 ) -> Result<Placement> {
-    let start = space::DATA_START;
-    let mut alloc = DataAllocator::new(start, space::DATA_CHUNK_MAX, space::data_exclusions(start));
+    let mut alloc = DataAllocator::for_tree(tree, opts.base.as_deref());
     let mut own = Vec::with_capacity(fs_trees.len());
     for fs in fs_trees {
         let first = alloc.extents.len();
@@ -313,15 +328,49 @@ fn place_data(
             u32::MAX - 1
         )));
     }
-    let end = alloc.pos;
-    let extents = Arc::new(std::mem::take(&mut alloc.extents));
-    let slack = if opts.rw_slack { space::DATA_SLACK } else { 0 };
-    let chunks = space::data_chunks(start, end, slack, &extents);
+    let appended = alloc.pos;
+    let free_in_base = alloc.free_in_base();
+    let extents = std::mem::take(&mut alloc.extents);
+    let mut by_logical: Vec<u32> = (0..extents.len() as u32).collect();
+    if !extents.windows(2).all(|w| w[0].logical < w[1].logical) {
+        by_logical.sort_unstable_by_key(|&i| extents[i as usize].logical);
+    }
+    let sorted = || by_logical.iter().map(|&i| &extents[i as usize]);
+    let end = sorted().next_back().map_or(space::DATA_START, DataExtent::end);
+    // The kernel reserves data space for every buffered write: a first
+    // read-write mount needs some free data space somewhere.
+    let slack = match opts.rw_slack && free_in_base < space::DATA_SLACK {
+        true => space::DATA_SLACK,
+        false => 0,
+    };
+    let (chunks, meta_start) = match opts.base.as_deref() {
+        None => {
+            let chunks = space::data_chunks(alloc.start, appended, slack, sorted());
+            let meta_start = chunks.last().map_or(space::DATA_START, Chunk::end);
+            (chunks, meta_start)
+        }
+        Some(b) => {
+            let mut chunks = b.data_chunks.clone();
+            if appended > alloc.start || slack > 0 {
+                chunks.extend(space::data_chunks(
+                    alloc.start,
+                    appended,
+                    slack,
+                    sorted().filter(|e| e.logical >= alloc.start),
+                ));
+            }
+            space::count_used(&mut chunks, sorted());
+            let meta_start = chunks.last().map_or(b.end, Chunk::end).max(b.end);
+            (chunks, meta_start)
+        }
+    };
     Ok(Placement {
-        extents,
+        extents: Arc::new(extents),
+        by_logical: Arc::new(by_logical),
         own,
         chunks,
         end,
+        meta_start,
     })
 }
 
@@ -491,9 +540,13 @@ pub fn build_with(
             pack_input(t, nodesize, |o| t.oversized(o, nodesize))?,
         ));
     }
-    let csum = trees::csum_tree(&data.extents, &data.chunks, nodesize, opts.csum, &|n| {
-        flags.nodatasum(&tree, n)
-    });
+    let csum = trees::csum_tree(
+        data.by_logical.iter().map(|&i| &data.extents[i as usize]),
+        &data.chunks,
+        nodesize,
+        opts.csum,
+        &|n| flags.nodatasum(&tree, n),
+    );
     let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize)?;
     let uuid_items = trees::uuid_tree(
         &part
@@ -539,7 +592,11 @@ pub fn build_with(
         nodesize,
         dup: opts.metadata_dup,
         rw_slack: opts.rw_slack,
-        meta_start: data.chunks.last().map_or(space::DATA_START, Chunk::end),
+        meta_start: data.meta_start,
+        keep: opts.base.as_deref().map(|b| layout::Kept {
+            metadata: &b.metadata_chunks,
+            system: b.system_chunk.as_ref(),
+        }),
         data_chunks: &data.chunks,
         extents: &data.extents,
         owners: &owners,
@@ -801,6 +858,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
         source: a.tree,
         content: a.content,
         extents: a.data.extents,
+        by_logical: a.data.by_logical,
         trees,
         blocks,
         chunks,

@@ -90,34 +90,51 @@ pub fn data_exclusions(start: u64) -> Vec<Excluded> {
 pub const DATA_SLACK: u64 = 64 << 10;
 
 /// Cuts the used data area `[start, end)` plus `slack` into DATA chunks of at
-/// most `DATA_CHUNK_MAX`, the last one rounded up to 64 KiB.
-pub fn data_chunks(
+/// most `DATA_CHUNK_MAX`, the last one rounded up to 64 KiB, with the bytes
+/// of `extents` (sorted by address) in each counted as used.
+pub fn data_chunks<'a>(
     start: u64,
     end: u64,
     slack: u64,
-    extents: &[super::data::DataExtent],
+    extents: impl Iterator<Item = &'a super::data::DataExtent>,
 ) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     let mut s = start;
     let end = round_up(end + slack, STRIPE_LEN);
-    let mut e_idx = 0;
     while s < end {
         let len = (end - s).min(DATA_CHUNK_MAX);
-        let mut used = 0;
-        while e_idx < extents.len() && extents[e_idx].logical < s + len {
-            used += extents[e_idx].size();
-            e_idx += 1;
-        }
         chunks.push(Chunk {
             logical: s,
             length: len,
             ty: crate::format::BLOCK_GROUP_DATA,
             stripes: vec![s],
-            used,
+            used: 0,
         });
         s += len;
     }
+    count_used(&mut chunks, extents);
     chunks
+}
+
+/// Sets each of `chunks`' (sorted by address) `used` to the bytes of
+/// `extents` (sorted by address, none crossing a chunk end) inside it.
+pub fn count_used<'a>(
+    chunks: &mut [Chunk],
+    extents: impl Iterator<Item = &'a super::data::DataExtent>,
+) {
+    for c in chunks.iter_mut() {
+        c.used = 0;
+    }
+    let mut c = 0;
+    for e in extents {
+        while c < chunks.len() && chunks[c].end() <= e.logical {
+            c += 1;
+        }
+        match chunks.get_mut(c) {
+            Some(ch) if ch.logical <= e.logical => ch.used += e.size(),
+            _ => debug_assert!(false, "every extent is in a data chunk"),
+        }
+    }
 }
 
 /// Largest METADATA chunk. With DUP, a sequential reader meets the second copy

@@ -265,8 +265,8 @@ pub struct CsumItems {
 /// many checksums per item as the kernel puts there for this node size and
 /// checksum size. The extents of files `nodatasum` names (NODATASUM) have
 /// none.
-pub fn csum_tree(
-    extents: &[DataExtent],
+pub fn csum_tree<'a>(
+    extents: impl Iterator<Item = &'a DataExtent>,
     chunks: &[Chunk],
     nodesize: u32,
     csum: CsumType,
@@ -283,7 +283,7 @@ pub fn csum_tree(
         c
     };
     let mut runs: Vec<(u64, u64, usize)> = Vec::new();
-    for e in extents.iter().filter(|e| !nodatasum(e.node)) {
+    for e in extents.filter(|e| !nodatasum(e.node)) {
         let chunk = chunk_of(e.logical);
         match runs.last_mut() {
             Some((s, len, ch)) if *s + *len == e.logical && *ch == chunk => *len += e.size(),
@@ -625,9 +625,13 @@ mod tests {
         ];
         for csum in CsumType::ALL {
             let per = max_csums_per_item(16384, csum) as u64;
-            let items = csum_tree(&extents, std::slice::from_ref(&chunk), 16384, csum, &|_| {
-                false
-            });
+            let items = csum_tree(
+                extents.iter(),
+                std::slice::from_ref(&chunk),
+                16384,
+                csum,
+                &|_| false,
+            );
             assert_eq!(items.count(), 10_000u64.div_ceil(per), "{csum:?}");
             let mut next = 1u64 << 20;
             let mut total = 0;

@@ -1,0 +1,453 @@
+//! `--base-layout`: an update keeps every unchanged file's extents where
+//! the base record says they were, fills the space removed files freed
+//! before it grows, keeps the base's chunks, gives the same bytes every
+//! time and from every frontend, and holds every file's bytes where its
+//! record says; a base that does not fit (other options, corrupt, another
+//! version, hostile) is a one-line error, or with --base-layout-optional a
+//! warning and a fresh layout. Needs no privileges (the kernel's view of
+//! updates is in update_system).
+
+mod common;
+
+use btrfsimg::plan::record::{self, FileRecord, Record};
+use common::*;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+const UUID: &str = "0b0d0a0e-0015-4000-8000-000000000001";
+
+/// Store paths `p00..p39` (sizes 5 KiB to 300 KiB, a few of a MiB), minus
+/// `skip`, plus `extra` new ones; `etc/conf` holds `conf`.
+fn tree(src: &Path, skip: &[u64], extra: &[(u64, u64)], conf: &[u8], text: bool) {
+    let mut t = TreeBuilder::new(src);
+    for i in (0..40u64).filter(|i| !skip.contains(i)) {
+        let size = if i % 10 == 3 {
+            1 << 20
+        } else {
+            5000 + i * 7000
+        };
+        let dir = format!("nix/store/{i:02}aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-p{i}");
+        t.random_file(format!("{dir}/lib/data").as_bytes(), size, i);
+        t.random_file(format!("{dir}/share/small").as_bytes(), 3000 + i, 100 + i);
+        if text {
+            t.file(
+                format!("{dir}/share/text").as_bytes(),
+                format!("line of package {i}\n").repeat(4000).as_bytes(),
+            );
+        }
+    }
+    for &(n, size) in extra {
+        let dir = format!("nix/store/{n:02}zzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-new{n}");
+        t.random_file(format!("{dir}/lib/data").as_bytes(), size, 1000 + n);
+        if text {
+            t.file(
+                format!("{dir}/share/text").as_bytes(),
+                format!("line of new package {n}\n").repeat(3000).as_bytes(),
+            );
+        }
+    }
+    t.file(b"etc/conf", conf);
+    t.random_file(b"etc/big-conf", 20_000, 7);
+    t.finalize();
+}
+
+fn read_record(p: &Path) -> Record {
+    record::read(BufReader::new(fs::File::open(p).unwrap())).expect("a valid record")
+}
+
+fn by_path(r: &Record) -> BTreeMap<Vec<u8>, &FileRecord> {
+    r.files.iter().map(|f| (f.path(), f)).collect()
+}
+
+fn same_identity(a: &FileRecord, b: &FileRecord) -> bool {
+    a.size == b.size && a.mtime == b.mtime && a.mode == b.mode
+}
+
+/// Every recorded extent holds the file's bytes (raw extents) at its
+/// physical address in `img`.
+fn check_raw_extents(r: &Record, img: &Path, src: &Path) {
+    let image = fs::File::open(img).unwrap();
+    let physical = |logical: u64| {
+        let c = r
+            .header
+            .chunks
+            .iter()
+            .find(|c| c.logical <= logical && logical < c.logical + c.length)
+            .expect("in a chunk");
+        c.stripes[0] + (logical - c.logical)
+    };
+    for f in r.files.iter().filter(|f| f.stored == "extents") {
+        let rel = String::from_utf8(f.path()).unwrap();
+        let want = fs::read(src.join(rel.trim_start_matches('/'))).unwrap();
+        for &(off, logical, disk, _, ref algo) in f.extents.iter().filter(|e| e.4.is_none()) {
+            assert!(algo.is_none());
+            let mut got = vec![0u8; disk as usize];
+            image.read_exact_at(&mut got, physical(logical)).unwrap();
+            let n = (want.len() as u64 - off).min(disk) as usize;
+            assert!(
+                got[..n] == want[off as usize..off as usize + n],
+                "{rel} at {off}"
+            );
+        }
+    }
+}
+
+fn export_with(src: &Path, img: &Path, extra: &[&str]) -> String {
+    let mut args = fixed_args(UUID);
+    args.extend(extra);
+    export_sources(Some(src), img, &args)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn unchanged_files_keep_their_extents_and_new_data_fills_freed_space() {
+    let work = workdir("base-layout");
+    let (v1, v2, v3) = (
+        work.path().join("v1"),
+        work.path().join("v2"),
+        work.path().join("v3"),
+    );
+    tree(&v1, &[], &[], b"one", false);
+    // v2: four paths go (about 1.1 MiB), three smaller ones come.
+    tree(
+        &v2,
+        &[3, 5, 20, 31],
+        &[(1, 150_000), (2, 400_000), (3, 90_000)],
+        b"two, longer than one",
+        false,
+    );
+    let (i1, l1) = (work.path().join("v1.img"), work.path().join("v1.layout"));
+    export_with(&v1, &i1, &["--write-layout", s(&l1)]);
+    let (i2, l2) = (work.path().join("v2.img"), work.path().join("v2.layout"));
+    export_with(
+        &v2,
+        &i2,
+        &["--base-layout", s(&l1), "--write-layout", s(&l2)],
+    );
+    let (r1, r2) = (read_record(&l1), read_record(&l2));
+    check_raw_extents(&r2, &i2, &v2);
+
+    // Unchanged files: the same extents. Changed or new ones: elsewhere,
+    // but inside v1's data chunks (the freed space holds them).
+    let old = by_path(&r1);
+    let mut kept = 0;
+    let mut placed_new = 0;
+    for f in &r2.files {
+        match old.get(&f.path()) {
+            Some(o) if same_identity(o, f) => {
+                assert_eq!(o.extents, f.extents, "{:?}", f.path);
+                kept += f.extents.len();
+            }
+            _ => placed_new += f.extents.len(),
+        }
+    }
+    assert!(
+        kept > 60 && placed_new >= 3,
+        "{kept} kept, {placed_new} new"
+    );
+    let data = |r: &Record| -> Vec<(u64, u64)> {
+        r.header
+            .chunks
+            .iter()
+            .filter(|c| c.ty == "data")
+            .map(|c| (c.logical, c.length))
+            .collect()
+    };
+    assert_eq!(data(&r2), data(&r1), "the new data fits the freed space");
+    for c in r1.header.chunks.iter().filter(|c| c.ty != "data") {
+        assert!(r2.header.chunks.contains(c), "{c:?} kept");
+    }
+
+    // The same inputs and base: the same bytes; from stdout too.
+    let again = work.path().join("again.img");
+    export_with(&v2, &again, &["--base-layout", s(&l1)]);
+    assert!(fs::read(&again).unwrap() == fs::read(&i2).unwrap());
+    let piped = work.path().join("piped.img");
+    let mut args = fixed_args(UUID);
+    args.extend(["--base-layout", s(&l1)]);
+    export_to_stdout(&v2, &piped, &args);
+    assert!(fs::read(&piped).unwrap() == fs::read(&i2).unwrap());
+    // plan with a base: the same record.
+    let l2p = work.path().join("plan.layout");
+    let mut pargs = fixed_args(UUID);
+    pargs.extend(["--base-layout", s(&l1), "--write-layout", s(&l2p)]);
+    run_ok(
+        Command::new(btrfsimg_bin())
+            .arg("plan")
+            .arg(&v2)
+            .args(&pargs),
+    );
+    assert_eq!(fs::read(&l2p).unwrap(), fs::read(&l2).unwrap());
+
+    // v3 adds more than the freed space holds: a data chunk after
+    // everything v2 allocated; v2's chunks stay.
+    tree(
+        &v3,
+        &[3, 5, 20, 31, 13],
+        &[(1, 150_000), (2, 400_000), (3, 90_000), (4, 9 << 20)],
+        b"three",
+        false,
+    );
+    let (i3, l3) = (work.path().join("v3.img"), work.path().join("v3.layout"));
+    export_with(
+        &v3,
+        &i3,
+        &["--base-layout", s(&l2), "--write-layout", s(&l3)],
+    );
+    let r3 = read_record(&l3);
+    check_raw_extents(&r3, &i3, &v3);
+    for c in &r2.header.chunks {
+        assert!(r3.header.chunks.contains(c), "{c:?} kept");
+    }
+    let end2 = r2
+        .header
+        .chunks
+        .iter()
+        .flat_map(|c| c.stripes.iter().map(move |s| s + c.length))
+        .max()
+        .unwrap();
+    assert!(
+        r3.header
+            .chunks
+            .iter()
+            .any(|c| c.ty == "data" && c.logical >= end2),
+        "a new data chunk after v2's end"
+    );
+    let old = by_path(&r2);
+    for f in &r3.files {
+        if let Some(o) = old.get(&f.path()).filter(|o| same_identity(o, f)) {
+            assert_eq!(o.extents, f.extents, "{:?}", f.path);
+        }
+    }
+}
+
+#[test]
+fn compressed_and_deduplicated_updates_keep_their_extents() {
+    let work = workdir("base-layout-zstd");
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    tree(&v1, &[], &[], b"one", true);
+    tree(&v2, &[7, 8], &[(1, 100_000)], b"two", true);
+    for extra in [
+        &["--compress", "zstd"][..],
+        &["--compress", "zstd", "--dedupe"],
+    ] {
+        let (i1, l1) = (work.path().join("v1.img"), work.path().join("v1.layout"));
+        let mut a = extra.to_vec();
+        a.extend(["--write-layout", s(&l1)]);
+        export_with(&v1, &i1, &a);
+        let (i2, l2) = (work.path().join("v2.img"), work.path().join("v2.layout"));
+        let mut a = extra.to_vec();
+        a.extend(["--base-layout", s(&l1), "--write-layout", s(&l2)]);
+        export_with(&v2, &i2, &a);
+        let (r1, r2) = (read_record(&l1), read_record(&l2));
+        let old = by_path(&r1);
+        let mut zstd_kept = 0;
+        for f in &r2.files {
+            if let Some(o) = old.get(&f.path()).filter(|o| same_identity(o, f)) {
+                assert_eq!(o.extents, f.extents, "{:?}", f.path);
+                zstd_kept += f
+                    .extents
+                    .iter()
+                    .filter(|e| e.4.as_deref() == Some("zstd"))
+                    .count();
+            }
+        }
+        assert!(zstd_kept >= 38, "{zstd_kept} compressed extents kept");
+        // The file export writes data during the content pass; stdout
+        // does not: the same bytes.
+        let piped = work.path().join("piped.img");
+        let mut args = fixed_args(UUID);
+        args.extend(extra);
+        args.extend(["--base-layout", s(&l1)]);
+        export_to_stdout(&v2, &piped, &args);
+        assert!(
+            fs::read(&piped).unwrap() == fs::read(&i2).unwrap(),
+            "{extra:?}"
+        );
+        for p in [&i1, &i2, &piped, &l1, &l2] {
+            fs::remove_file(p).unwrap();
+        }
+    }
+}
+
+fn first_extent(files: &mut [serde_json::Value]) -> usize {
+    files
+        .iter()
+        .position(|f| f["extents"].as_array().is_some_and(|e| !e.is_empty()))
+        .unwrap()
+}
+
+/// Writes `rec` with its header changed by `edit_header` and its files by
+/// `edit_files`.
+fn edited(
+    from: &Path,
+    to: &Path,
+    edit: impl FnOnce(&mut serde_json::Value, &mut Vec<serde_json::Value>),
+) {
+    let text = fs::read_to_string(from).unwrap();
+    let mut lines = text.lines();
+    let mut header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let mut files: Vec<serde_json::Value> =
+        lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    edit(&mut header, &mut files);
+    let mut out = serde_json::to_string(&header).unwrap() + "\n";
+    for f in files {
+        out += &(serde_json::to_string(&f).unwrap() + "\n");
+    }
+    fs::write(to, out).unwrap();
+}
+
+#[test]
+fn a_base_that_does_not_fit_is_refused_or_with_optional_ignored() {
+    let work = workdir("base-layout-bad");
+    let src = work.path().join("src");
+    tree(&src, &[], &[], b"one", false);
+    let base = work.path().join("v1.layout");
+    export_with(
+        &src,
+        &work.path().join("v1.img"),
+        &["--write-layout", s(&base)],
+    );
+    let fresh = work.path().join("fresh.img");
+    export_with(&src, &fresh, &[]);
+    let out = work.path().join("out.img");
+    let bad = work.path().join("bad.layout");
+
+    // Other options.
+    for (args, theirs) in [
+        (&["--nodesize", "4096"][..], "node size 16384"),
+        (&["--csum", "xxhash"], "checksum crc32c"),
+        (&["--metadata", "single"], "metadata profile dup"),
+        (&["--compress", "zstd"], "compression none"),
+        (&["--dedupe"], "dedupe off"),
+    ] {
+        let mut a = fixed_args(UUID);
+        a.extend(args);
+        a.extend(["--base-layout", s(&base)]);
+        let line = export_sources_fails(Some(&src), &out, &a);
+        assert_error_line(
+            &line,
+            &["v1.layout", "the base layout was made with", theirs],
+            &format!("{args:?}"),
+        );
+    }
+
+    // Corrupt, foreign or hostile records.
+    type Edit = Box<dyn FnOnce(&mut serde_json::Value, &mut Vec<serde_json::Value>)>;
+    let cases: Vec<(&str, Edit, &[&str])> = vec![
+        (
+            "version 2",
+            Box::new(|h, _| h["version"] = 2.into()),
+            &["line 1", "version 2"],
+        ),
+        (
+            "another format",
+            Box::new(|h, _| h["format"] = "other".into()),
+            &["line 1", "format 'other'"],
+        ),
+        (
+            "overlapping extents",
+            Box::new(|_, f| {
+                let i = first_extent(f);
+                let e = f[i]["extents"][0].clone();
+                let j = (i + 1..f.len())
+                    .find(|&j| f[j]["extents"].as_array().is_some_and(|e| !e.is_empty()))
+                    .unwrap();
+                f[j]["extents"][0][1] = e[1].clone();
+            }),
+            &["overlaps"],
+        ),
+        (
+            "an extent outside the data chunks",
+            Box::new(|_, f| {
+                let i = first_extent(f);
+                f[i]["extents"][0][1] = (1u64 << 40).into();
+            }),
+            &["not inside a data chunk"],
+        ),
+        (
+            "an unaligned extent",
+            Box::new(|_, f| {
+                let i = first_extent(f);
+                let l = f[i]["extents"][0][1].as_u64().unwrap();
+                f[i]["extents"][0][1] = (l + 1).into();
+            }),
+            &["not an extent's"],
+        ),
+        (
+            "overlapping chunks",
+            Box::new(|h, _| {
+                let c = h["chunks"][0].clone();
+                h["chunks"].as_array_mut().unwrap().push(c);
+            }),
+            &["line 1", "overlap"],
+        ),
+        (
+            "a chunk beyond the largest image",
+            Box::new(|h, _| {
+                let n = h["chunks"].as_array().unwrap().len();
+                h["chunks"][n - 1]["logical"] = (1u64 << 63).into();
+                h["chunks"][n - 1]["stripes"][0] = (1u64 << 63).into();
+            }),
+            &["line 1", "out of range"],
+        ),
+        (
+            "a path twice",
+            Box::new(|_, f| {
+                let x = f[0].clone();
+                f.push(x);
+            }),
+            &["recorded twice"],
+        ),
+    ];
+    for (what, edit, fragments) in cases {
+        edited(&base, &bad, edit);
+        let mut a = fixed_args(UUID);
+        a.extend(["--base-layout", s(&bad)]);
+        let line = export_sources_fails(Some(&src), &out, &a);
+        let mut want = vec!["bad.layout"];
+        want.extend(fragments);
+        assert_error_line(&line, &want, what);
+    }
+    for (what, bytes) in [
+        ("garbage", &b"\x00\x01garbage\n"[..]),
+        ("empty", b""),
+        ("a header only", b"{\"format\": \"btrfsimg-layout\"}\n"),
+    ] {
+        fs::write(&bad, bytes).unwrap();
+        let mut a = fixed_args(UUID);
+        a.extend(["--base-layout", s(&bad)]);
+        let line = export_sources_fails(Some(&src), &out, &a);
+        assert_error_line(&line, &["bad.layout"], what);
+    }
+    let missing = work.path().join("missing.layout");
+    let mut a = fixed_args(UUID);
+    a.extend(["--base-layout", s(&missing)]);
+    let line = export_sources_fails(Some(&src), &out, &a);
+    assert_error_line(&line, &["missing.layout", "No such file"], "missing");
+
+    // Optional: a warning, and the fresh layout's bytes.
+    for base in [&missing, &bad] {
+        let mut a = fixed_args(UUID);
+        a.extend(["--base-layout", s(base), "--base-layout-optional"]);
+        let stderr = export_sources(Some(&src), &out, &a);
+        assert!(
+            stderr.contains("planning a fresh layout") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+        assert!(fs::read(&out).unwrap() == fs::read(&fresh).unwrap());
+        fs::remove_file(&out).unwrap();
+    }
+    let o = run(Command::new(btrfsimg_bin())
+        .arg("plan")
+        .arg(&src)
+        .arg("--base-layout-optional"));
+    assert_eq!(o.status.code(), Some(2), "optional needs a base");
+}
