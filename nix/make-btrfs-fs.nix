@@ -9,7 +9,11 @@
 # image records is fixed), the same bytes on every build.
 #
 # The result is the image file itself: btrfs-fs.img, or btrfs-fs.img.zst
-# when `compressImage` is set.
+# when `compressImage` is set; its `layout` output is the image's layout
+# record. Keep that record beside the deployed image and pass it as
+# `baseLayout` to the next build: files unchanged since keep their blocks,
+# so a block-based update (RAUC, casync, bmap, zstd --patch-from) sends
+# little more than what changed.
 {
   pkgs,
   lib,
@@ -42,6 +46,10 @@
   btrfs-progs,
   # The image builder; an overlay's pkgs.btrfsimg takes precedence.
   btrfsimg ? pkgs.buildPackages.callPackage ./package.nix { },
+  # The layout record (the `layout` output) of the image this one updates:
+  # a path, or a previous build's `.layout`. It must come from the same
+  # options (compression, checksum); null: a fresh layout.
+  baseLayout ? null,
   # Run `btrfs check` on the finished image (a compressed one is decompressed
   # to a temporary file for it).
   checkImage ? true,
@@ -54,6 +62,10 @@ let
 in
 pkgs.stdenv.mkDerivation {
   name = "btrfs-fs.img${lib.optionalString compressImage ".zst"}";
+  outputs = [
+    "out"
+    "layout"
+  ];
 
   nativeBuildInputs = [
     btrfsimg
@@ -86,6 +98,8 @@ pkgs.stdenv.mkDerivation {
       ${lib.optionalString (mountpoint != null) "--mountpoint ${lib.escapeShellArg mountpoint}"} \
       ${lib.optionalString (nixPathRegistrationFile != null) "--registration-path ${lib.escapeShellArg nixPathRegistrationFile}"} \
       ${lib.optionalString (csum != null) "--csum ${lib.escapeShellArg csum}"} \
+      ${lib.optionalString (baseLayout != null) "--base-layout ${lib.escapeShellArg "${baseLayout}"}"} \
+      --write-layout "$layout" \
       --threads "$threads" \
       --quiet \
       -o "$out"

@@ -133,6 +133,10 @@ fn unchanged_files_keep_their_extents_and_new_data_fills_freed_space() {
     );
     let (r1, r2) = (read_record(&l1), read_record(&l2));
     check_raw_extents(&r2, &i2, &v2);
+    // Nothing changed: the same image.
+    let same = work.path().join("same.img");
+    export_with(&v1, &same, &["--base-layout", s(&l1)]);
+    assert!(fs::read(&same).unwrap() == fs::read(&i1).unwrap());
 
     // Unchanged files: the same extents. Changed or new ones: elsewhere,
     // but inside v1's data chunks (the freed space holds them).

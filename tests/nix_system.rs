@@ -562,7 +562,7 @@ fn nix_expressions_evaluate() {
         &store,
         &format!("builtins.functionArgs (import {})", file.display()),
     );
-    let expected = r#"{"btrfs-progs":false,"btrfsimg":true,"checkImage":true,"compressImage":true,"compression":true,"csum":true,"lib":false,"mountpoint":true,"nixPathRegistrationFile":true,"pkgs":false,"populateImageCommands":true,"storePaths":false,"subvolumes":true,"uuid":true,"volumeLabel":false,"zstd":false}"#;
+    let expected = r#"{"baseLayout":true,"btrfs-progs":false,"btrfsimg":true,"checkImage":true,"compressImage":true,"compression":true,"csum":true,"lib":false,"mountpoint":true,"nixPathRegistrationFile":true,"pkgs":false,"populateImageCommands":true,"storePaths":false,"subvolumes":true,"uuid":true,"volumeLabel":false,"zstd":false}"#;
     assert_eq!(args, expected, "argument set of make-btrfs-fs.nix");
 
     let lib_stub = r#"{
@@ -595,7 +595,7 @@ fn nix_expressions_evaluate() {
                 volumeLabel = "NIXOS SD";
                 libfaketime = null; fakeroot = null;
               }} // {extra});
-            in {{ inherit (d) name nativeBuildInputs buildCommand; }}"#,
+            in {{ inherit (d) name outputs nativeBuildInputs buildCommand; }}"#,
             file = file.display()
         )
     };
@@ -614,6 +614,8 @@ fn nix_expressions_evaluate() {
         "--uuid '44444444-4444-4444-8888-888888888888'",
         "-o \\\"$out\\\"",
         "btrfs check --readonly \\\"$out\\\"",
+        "--write-layout \\\"$layout\\\"",
+        r#""outputs":["out","layout"]"#,
     ] {
         assert!(
             plain.contains(want),
@@ -621,6 +623,12 @@ fn nix_expressions_evaluate() {
         );
     }
     assert!(!plain.contains("--zstd"), "{plain}");
+    assert!(!plain.contains("--base-layout"), "{plain}");
+    let update = nix_eval_json(&store, &mk(r#"{ baseLayout = "/nix/store/old-layout"; }"#));
+    assert!(
+        update.contains("--base-layout '/nix/store/old-layout'"),
+        "baseLayout lacks --base-layout: {update}"
+    );
     let zst = nix_eval_json(&store, &mk(r#"{ compressImage = true; uuid = "1-2"; }"#));
     for want in [
         r#""name":"btrfs-fs.img.zst""#,
@@ -770,9 +778,9 @@ let
       '' ];
     };
   pkgs = {
-    stdenv.mkDerivation = { name, nativeBuildInputs ? [ ], buildCommand }:
+    stdenv.mkDerivation = { name, outputs ? [ "out" ], nativeBuildInputs ? [ ], buildCommand }:
       derivation {
-        inherit name system buildCommand;
+        inherit name system outputs buildCommand;
         builder = "/bin/bash";
         args = [ "-euo" "pipefail" "-c" "eval \"$buildCommand\"" ];
         PATH = builtins.concatStringsSep ":"
@@ -803,6 +811,8 @@ in
     nixPathRegistrationFile = "/nix/nix-path-registration";
   };
   plain = image false null;
+  # An update of `plain` with nothing changed.
+  updated = imageWith { baseLayout = (image false null).layout; };
   compressed = image true null;
   zstdfs = image false "zstd:5";
   info = closureInfo { rootPaths = [ rootPath ]; };
@@ -856,8 +866,13 @@ fn nix_make_btrfs_fs_builds_the_cli_image() {
         ("zstd", zstd.as_str()),
         ("populate", populate.as_str()),
     ];
+    // Images have a second output, the layout record (`-layout`).
+    let both = |attr: &str| -> Vec<String> { store.build(&expr, &argstrs, Some(attr)) };
     let one = |attr: &str| -> String {
-        let out = store.build(&expr, &argstrs, Some(attr));
+        let out: Vec<String> = both(attr)
+            .into_iter()
+            .filter(|p| !p.ends_with("-layout"))
+            .collect();
         assert_eq!(out.len(), 1, "nix-build -A {attr}: {out:?}");
         out[0].clone()
     };
@@ -910,8 +925,19 @@ fn nix_make_btrfs_fs_builds_the_cli_image() {
         "-U",
         "44444444-4444-4444-8888-888888888888",
     ];
-    export_sources(None, &expected, &cli);
+    let expected_layout = dir.join("expected.layout");
+    let mut largs = cli.to_vec();
+    largs.extend(["--write-layout", s(&expected_layout)]);
+    export_sources(None, &expected, &largs);
     assert_files_identical(&built, &expected);
+    // The `layout` output is the CLI's record, and an update built with it
+    // as `baseLayout` and nothing changed is the same image.
+    let layout = both("plain.layout")
+        .into_iter()
+        .find(|p| p.ends_with("-layout"))
+        .expect("a layout output");
+    assert_files_identical(&store.host_path(&layout), &expected_layout);
+    assert_files_identical(&store.host_path(&one("updated")), &expected);
     // `compression = "zstd:5"`: the CLI's --compress zstd:5 image.
     let expected_zstd = dir.join("expected-zstd.img");
     let mut zargs = cli.to_vec();

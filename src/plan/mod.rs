@@ -336,7 +336,9 @@ fn place_data(
         by_logical.sort_unstable_by_key(|&i| extents[i as usize].logical);
     }
     let sorted = || by_logical.iter().map(|&i| &extents[i as usize]);
-    let end = sorted().next_back().map_or(space::DATA_START, DataExtent::end);
+    let end = sorted()
+        .next_back()
+        .map_or(space::DATA_START, DataExtent::end);
     // The kernel reserves data space for every buffered write: a first
     // read-write mount needs some free data space somewhere.
     let slack = match opts.rw_slack && free_in_base < space::DATA_SLACK {
