@@ -431,6 +431,26 @@ fn a_base_that_does_not_fit_is_refused_or_with_optional_ignored() {
         let line = export_sources_fails(Some(&src), &out, &a);
         assert_error_line(&line, &["bad.layout"], what);
     }
+    // Not regular files: refused without reading (a FIFO must not hang).
+    let fifo = work.path().join("fifo.layout");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for p in [fifo.as_path(), Path::new("/dev/zero"), work.path()] {
+        let mut a = fixed_args(UUID);
+        a.extend(["--base-layout", s(p)]);
+        let line = export_sources_fails(Some(&src), &out, &a);
+        assert_error_line(&line, &[s(p), "not a regular file"], s(p));
+    }
+    // A line longer than any record has: refused without reading it whole.
+    let f = fs::File::create(&bad).unwrap();
+    f.set_len(record::MAX_LINE + 10).unwrap();
+    drop(f);
+    let mut a = fixed_args(UUID);
+    a.extend(["--base-layout", s(&bad)]);
+    let line = export_sources_fails(Some(&src), &out, &a);
+    assert_error_line(&line, &["bad.layout", "line 1", "longer than"], "long line");
+
     let missing = work.path().join("missing.layout");
     let mut a = fixed_args(UUID);
     a.extend(["--base-layout", s(&missing)]);

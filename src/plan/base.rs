@@ -82,7 +82,17 @@ impl Base {
     /// Reads the record at `path` and checks it against `opts` (which must
     /// not carry a base already).
     pub fn load(path: &Path, opts: &Options) -> Result<Base> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking: a FIFO given as the record must not hang the open.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::at(path, "not a regular file"));
+        }
         let rec = record::read(std::io::BufReader::new(file)).map_err(|e| Error::at(path, e))?;
         Base::from_record(path, rec, opts).map_err(|e| Error::at(path, e))
     }

@@ -105,6 +105,21 @@ pub struct DataAllocator {
     mark: (usize, u64),
 }
 
+/// Where an update's data went, for the plan's summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpdateStats {
+    /// Unchanged files (with data in extents) the base had.
+    pub files_unchanged: u64,
+    /// Bytes on disk of extents at their recorded places.
+    pub kept: u64,
+    /// Bytes of new or changed data in the base's free space.
+    pub in_gaps: u64,
+    /// Bytes of data after everything the base allocated.
+    pub appended: u64,
+    /// Free bytes left in the base's data chunks.
+    pub free_left: u64,
+}
+
 impl DataAllocator {
     pub fn new(start: u64, chunk_size: u64, excluded: Vec<Excluded>) -> Self {
         DataAllocator {
@@ -164,6 +179,27 @@ impl DataAllocator {
     /// Free bytes left in the base's data chunks.
     pub fn free_in_base(&self) -> u64 {
         self.gaps.total()
+    }
+
+    /// Where the extents placed so far went.
+    pub fn update_stats(&self) -> UpdateStats {
+        let mut st = UpdateStats {
+            files_unchanged: self.reuse.len() as u64,
+            free_left: self.gaps.total(),
+            ..UpdateStats::default()
+        };
+        for e in &self.extents {
+            let kept = self.reuse.get(&e.node).is_some_and(|r| {
+                r.iter()
+                    .any(|b| b.logical == e.logical && b.file_offset == e.file_offset)
+            });
+            match () {
+                _ if kept => st.kept += e.size(),
+                _ if e.logical >= self.start => st.appended += e.size(),
+                _ => st.in_gaps += e.size(),
+            }
+        }
+        st
     }
 
     /// Places one file's data segments.

@@ -149,6 +149,8 @@ pub struct Plan {
     pub extents: Arc<Vec<DataExtent>>,
     /// Indexes of `extents` by logical address.
     pub by_logical: Arc<Vec<u32>>,
+    /// With a base layout: where the data went.
+    pub update: Option<data::UpdateStats>,
     pub trees: Vec<TreePlan>,
     /// Every tree block, sorted by logical address.
     pub blocks: Vec<BlockRef>,
@@ -197,6 +199,13 @@ impl Plan {
             data,
             self.extents.len()
         );
+        if let Some(u) = &self.update {
+            let _ = writeln!(
+                s,
+                "update: {} unchanged files keep {} bytes in place; {} new bytes in freed space, {} after the base; {} bytes free in the base's data chunks",
+                u.files_unchanged, u.kept, u.in_gaps, u.appended, u.free_left
+            );
+        }
         let total_blocks: usize = self.trees.iter().map(|t| t.shape.blocks()).sum();
         let _ = writeln!(
             s,
@@ -294,6 +303,7 @@ struct Placement {
     end: u64,
     /// Where metadata chunks new to this image may start.
     meta_start: u64,
+    update: Option<data::UpdateStats>,
 }
 
 /// Packs every regular file's data, tree by tree in inode order: as the
@@ -330,6 +340,7 @@ fn place_data(
     }
     let appended = alloc.pos;
     let free_in_base = alloc.free_in_base();
+    let update = opts.base.is_some().then(|| alloc.update_stats());
     let extents = std::mem::take(&mut alloc.extents);
     let mut by_logical: Vec<u32> = (0..extents.len() as u32).collect();
     if !extents.windows(2).all(|w| w[0].logical < w[1].logical) {
@@ -367,6 +378,7 @@ fn place_data(
         }
     };
     Ok(Placement {
+        update,
         extents: Arc::new(extents),
         by_logical: Arc::new(by_logical),
         own,
@@ -861,6 +873,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
         content: a.content,
         extents: a.data.extents,
         by_logical: a.data.by_logical,
+        update: a.data.update,
         trees,
         blocks,
         chunks,

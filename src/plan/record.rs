@@ -216,10 +216,43 @@ pub fn write(plan: &Plan, out: &mut dyn Write) -> io::Result<()> {
     out.flush()
 }
 
+/// The longest line `read` takes: a file of 1.5 million extents, or a
+/// header of a million chunks. A longer one is not a record this tool
+/// wrote, and reading it whole could take all memory.
+pub const MAX_LINE: u64 = 64 << 20;
+
+/// One line of at most `MAX_LINE` bytes (and one more, to tell).
+fn read_bounded<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
+    io::Read::take(r, MAX_LINE + 1).read_until(b'\n', buf)
+}
+
+/// Lines of at most `MAX_LINE` bytes; a longer one is an error.
+fn bounded_lines(mut r: impl BufRead) -> impl Iterator<Item = io::Result<String>> {
+    std::iter::from_fn(move || {
+        let mut buf = Vec::new();
+        match read_bounded(&mut r, &mut buf) {
+            Ok(0) => None,
+            Ok(_) if buf.len() as u64 > MAX_LINE => Some(Err(io::Error::other(format!(
+                "a line longer than {MAX_LINE} bytes"
+            )))),
+            Ok(_) => {
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                }
+                Some(
+                    String::from_utf8(buf)
+                        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8")),
+                )
+            }
+            Err(e) => Some(Err(e)),
+        }
+    })
+}
+
 /// Reads a record; a line that does not parse, another format or another
 /// version is an error naming the line.
 pub fn read(r: impl BufRead) -> Result<Record> {
-    let mut lines = r.lines().enumerate();
+    let mut lines = bounded_lines(r).enumerate();
     let bad = |n: usize, why: String| Error::msg(format!("line {}: {why}", n + 1));
     let (n, first) = lines
         .next()
