@@ -172,7 +172,6 @@ impl DataAllocator {
                 a.reuse.insert(node, extents.to_vec());
             }
         }
-        a.gaps.checkpoint();
         a
     }
 
@@ -189,10 +188,9 @@ impl DataAllocator {
             ..UpdateStats::default()
         };
         for e in &self.extents {
-            let kept = self.reuse.get(&e.node).is_some_and(|r| {
-                r.iter()
-                    .any(|b| b.logical == e.logical && b.file_offset == e.file_offset)
-            });
+            let kept = self
+                .recorded_at(e.node, e.file_offset)
+                .is_some_and(|b| b.logical == e.logical);
             match () {
                 _ if kept => st.kept += e.size(),
                 _ if e.logical >= self.start => st.appended += e.size(),
@@ -226,13 +224,8 @@ impl DataAllocator {
                 ),
                 Some(a) => {
                     let disk = p.disk();
-                    let kept = self.reuse.get(&node).and_then(|r| {
-                        r.iter().find(|e| {
-                            e.file_offset == p.file_offset
-                                && e.ram == p.ram as u64
-                                && e.disk == disk
-                                && e.algorithm == Some(a)
-                        })
+                    let kept = self.recorded_at(node, p.file_offset).filter(|e| {
+                        e.ram == p.ram as u64 && e.disk == disk && e.algorithm == Some(a)
                     });
                     let at = match kept {
                         Some(e) => e.logical,
@@ -297,11 +290,20 @@ impl DataAllocator {
         }
     }
 
+    /// The recorded extent of an unchanged file that starts at
+    /// `file_offset` (a checked record's extents are in file order).
+    fn recorded_at(&self, node: u32, file_offset: u64) -> Option<&BaseExtent> {
+        let r = self.reuse.get(&node)?;
+        let i = r.partition_point(|e| e.file_offset < file_offset);
+        r.get(i).filter(|e| e.file_offset == file_offset)
+    }
+
     /// The recorded raw extents of an unchanged file that hold exactly
     /// `seg` of it, back to back in the file.
     fn kept_raw(&self, node: u32, seg: Segment) -> Option<&[BaseExtent]> {
         let r = self.reuse.get(&node)?;
-        let first = r.iter().position(|e| e.file_offset == seg.offset)?;
+        let first = r.partition_point(|e| e.file_offset < seg.offset);
+        r.get(first).filter(|e| e.file_offset == seg.offset)?;
         let mut at = seg.offset;
         let end = seg.offset + seg.len;
         for (k, e) in r[first..].iter().enumerate() {

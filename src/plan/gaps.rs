@@ -24,8 +24,10 @@ pub struct Gaps {
     /// (taking space only shrinks ranges, so first fit never moves down).
     cursor: [u64; CURSORS],
     /// Ranges as they were before each change since the checkpoint:
-    /// (start, Some(end)) existed, (start, None) did not.
-    undo: Vec<(u64, Option<u64>)>,
+    /// (start, Some(end)) existed, (start, None) did not. None before the
+    /// first checkpoint: planning never takes anything back, so it keeps no
+    /// journal.
+    undo: Option<Vec<(u64, Option<u64>)>>,
     sector: u64,
 }
 
@@ -41,7 +43,7 @@ impl Gaps {
             free: BTreeMap::new(),
             bounds,
             cursor: [0; CURSORS],
-            undo: Vec::new(),
+            undo: None,
             sector,
         };
         g.bounds.sort_unstable();
@@ -50,7 +52,6 @@ impl Gaps {
                 g.put(s, e);
             }
         }
-        g.undo.clear();
         g
     }
 
@@ -73,7 +74,9 @@ impl Gaps {
             Some(e) => self.free.insert(start, e),
             None => self.free.remove(&start),
         };
-        self.undo.push((start, before));
+        if let Some(u) = &mut self.undo {
+            u.push((start, before));
+        }
     }
 
     /// Whether `a` and `b` lie in the same chunk (a range may end at `b`).
@@ -150,12 +153,13 @@ impl Gaps {
 
     /// Marks the state that `rollback` returns to.
     pub fn checkpoint(&mut self) {
-        self.undo.clear();
+        self.undo = Some(Vec::new());
     }
 
     /// Undoes every change since the last checkpoint.
     pub fn rollback(&mut self) {
-        while let Some((start, before)) = self.undo.pop() {
+        let undo = self.undo.as_mut().expect("rollback follows a checkpoint");
+        while let Some((start, before)) = undo.pop() {
             match before {
                 Some(e) => {
                     self.free.insert(start, e);
