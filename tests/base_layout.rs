@@ -50,6 +50,13 @@ fn tree(src: &Path, skip: &[u64], extra: &[(u64, u64)], conf: &[u8], text: bool)
             );
         }
     }
+    if text && !extra.is_empty() {
+        // The same bytes as p3's data, after it in inode order (deeper:
+        // inodes are numbered breadth first): with --dedupe the content
+        // pass writes them (into freed space), finds the copy and takes it
+        // back.
+        t.random_file(b"var/lib/a/b/c/copy", 1 << 20, 3);
+    }
     t.file(b"etc/conf", conf);
     t.random_file(b"etc/big-conf", 20_000, 7);
     t.finalize();
