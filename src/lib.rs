@@ -135,11 +135,19 @@ pub fn plan_tree(
         &opts.inode_flags,
         &plan::subvol::roots(&tree, &opts.subvolumes)?,
     )?);
+    let tree_of = match opts.subvolumes.is_empty() {
+        true => Vec::new(),
+        false => plan::subvol::resolve(&tree, &opts.subvolumes)?
+            .0
+            .tree_of()
+            .to_vec(),
+    };
     let mut sink = sink;
     if let Some(s) = sink.as_mut() {
         s.start(plan::data::DataAllocator::for_tree(
             &tree,
             opts.base.as_deref(),
+            &tree_of,
         ));
     }
     let index = {
@@ -153,13 +161,7 @@ pub fn plan_tree(
                 max_inline: plan::max_inline(opts),
                 threads,
                 keep_bytes: pass.keep_bytes,
-                tree_of: match opts.subvolumes.is_empty() {
-                    true => Vec::new(),
-                    false => plan::subvol::resolve(&tree, &opts.subvolumes)?
-                        .0
-                        .tree_of()
-                        .to_vec(),
-                },
+                tree_of,
                 inode_flags,
             },
             pass.progress.unwrap_or(&|_, _| {}),

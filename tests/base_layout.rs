@@ -295,6 +295,80 @@ fn first_extent(files: &mut [serde_json::Value]) -> usize {
         .unwrap()
 }
 
+/// The numbers of `plan`'s `update:` line: kept, in freed space, after
+/// the base, free left.
+fn update_line(src: &Path, args: &[&str]) -> (u64, u64, u64, u64) {
+    let out = run_ok(Command::new(btrfsimg_bin()).arg("plan").arg(src).args(args));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("update: "))
+        .unwrap_or_else(|| panic!("no update line in {out}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse().unwrap())
+        .collect();
+    // N files keep B bytes; X in freed space, Y after the base; Z free.
+    (n[1], n[2], n[3], n[4])
+}
+
+#[test]
+fn space_an_unchanged_file_gives_up_is_free_for_the_files_after_it() {
+    let work = workdir("base-layout-release");
+    let (v1, v2) = (work.path().join("v1"), work.path().join("v2"));
+    let mut t = TreeBuilder::new(&v1);
+    t.random_file(b"nix/store/x/lib/a", 1 << 20, 3)
+        .random_file(b"nix/store/y/lib/b", 300_000, 4);
+    t.finalize();
+    // v2: a copy of `a` before it in inode order (shallower) takes its
+    // data under --dedupe, so `a` gives its reserved MiB up; a new MiB
+    // deeper in the tree, after `a`, goes there and not after the base.
+    let mut t = TreeBuilder::new(&v2);
+    t.random_file(b"nix/store/x/lib/a", 1 << 20, 3)
+        .random_file(b"nix/store/y/lib/b", 300_000, 4)
+        .random_file(b"copy", 1 << 20, 3)
+        .random_file(b"nix/store/z/lib/deep/new", 1 << 20, 5);
+    t.finalize();
+    let l1 = work.path().join("v1.layout");
+    let z = ["--compress", "zstd", "--dedupe"];
+    let mut a = z.to_vec();
+    a.extend(["--write-layout", s(&l1)]);
+    export_with(&v1, &work.path().join("v1.img"), &a);
+    let mut update = z.to_vec();
+    update.extend(["--base-layout", s(&l1)]);
+    let mut a = fixed_args(UUID);
+    a.extend(&update);
+    let (kept, in_gaps, after, _) = update_line(&v2, &a);
+    assert_eq!(kept, 300_000u64.div_ceil(4096) * 4096, "b keeps its place");
+    assert_eq!(in_gaps + after, 2 << 20, "the copy and the new file");
+    assert!(in_gaps >= 1 << 20, "{in_gaps} in freed space");
+    // The new file is exactly where `a` was.
+    let l2 = work.path().join("v2.layout");
+    let mut a2 = a.clone();
+    a2.extend(["--write-layout", s(&l2)]);
+    update_line(&v2, &a2);
+    let (r1, r2) = (read_record(&l1), read_record(&l2));
+    let ranges = |r: &Record, p: &str| -> Vec<(u64, u64)> {
+        let f = r
+            .files
+            .iter()
+            .find(|f| f.path.as_deref() == Some(p))
+            .expect(p);
+        f.extents.iter().map(|e| (e.1, e.1 + e.2)).collect()
+    };
+    let mut was_a = ranges(&r1, "/nix/store/x/lib/a");
+    let mut new = ranges(&r2, "/nix/store/z/lib/deep/new");
+    was_a.sort();
+    new.sort();
+    assert_eq!(new, was_a, "the new file took a's place");
+    // The file export (which writes during the content pass) agrees.
+    let img = work.path().join("v2.img");
+    export_with(&v2, &img, &update);
+    let piped = work.path().join("piped.img");
+    export_to_stdout(&v2, &piped, &a);
+    assert!(fs::read(&piped).unwrap() == fs::read(&img).unwrap());
+}
+
 /// Writes `rec` with its header changed by `edit_header` and its files by
 /// `edit_files`.
 fn edited(
@@ -408,6 +482,32 @@ fn a_base_that_does_not_fit_is_refused_or_with_optional_ignored() {
                 h["chunks"][n - 1]["stripes"][0] = (1u64 << 63).into();
             }),
             &["line 1", "out of range"],
+        ),
+        (
+            "a metadata chunk of 2^61 bytes",
+            Box::new(|h, _| {
+                let c = serde_json::json!({"type": "metadata", "logical": 1u64 << 40,
+                    "length": 1u64 << 61, "stripes": [1u64 << 40, (1u64 << 40) + (1u64 << 61)]});
+                h["chunks"].as_array_mut().unwrap().push(c);
+            }),
+            &["line 1", "over 1 GiB"],
+        ),
+        (
+            "a data chunk at 4 EiB",
+            Box::new(|h, _| {
+                let c = serde_json::json!({"type": "data", "logical": 1u64 << 62,
+                    "length": 1u64 << 30, "stripes": [1u64 << 62]});
+                h["chunks"].as_array_mut().unwrap().push(c);
+            }),
+            &["line 1", "not a layout this tool made"],
+        ),
+        (
+            "a file of 2^64 - 1 bytes",
+            Box::new(|_, f| {
+                let i = first_extent(f);
+                f[i]["size"] = u64::MAX.into();
+            }),
+            &["past the file's size"],
         ),
         (
             "a path twice",

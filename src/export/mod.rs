@@ -634,7 +634,11 @@ impl PieceSink for Spill {
         }
         if self.current != Some(node) {
             self.current = Some(node);
-            self.alloc()?.checkpoint();
+            let alloc = self.alloc()?;
+            // Releases before the checkpoint: taking this file back must
+            // not take back the end of the reservations before it.
+            alloc.begin(node);
+            alloc.checkpoint(node);
         }
         let alloc = self.alloc()?;
         let before = alloc.extents.len();

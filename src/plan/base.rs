@@ -26,6 +26,10 @@ use std::path::{Path, PathBuf};
 /// or many small metadata chunks).
 const MAX_CHUNKS: usize = 1 << 16;
 
+/// Largest metadata or system chunk a base may have (this tool makes them
+/// of at most 4 MiB; the kernel of at most 1 GiB).
+const MAX_METADATA_CHUNK: u64 = 1 << 30;
+
 /// Largest compressed extent (file bytes and bytes on disk).
 const MAX_COMPRESSED: u64 = 128 << 10;
 
@@ -125,6 +129,7 @@ impl Base {
         disjoint(&data_chunks, &metadata_chunks, system_chunk.as_ref())
             .map_err(|e| Error::msg(format!("line 1: {e}")))?;
         data_chunks.sort_by_key(|c| c.logical);
+        metadata_chunks.sort_by_key(|c| c.logical);
         let end = data_chunks
             .iter()
             .chain(&metadata_chunks)
@@ -133,6 +138,21 @@ impl Base {
             .max()
             .unwrap_or(space::DATA_START)
             .max(space::DATA_START);
+        // This tool lays chunks out back to back from the first MiB, and
+        // updates add theirs after the end: what a base spans is what it
+        // allocated. Memory (checksum tables) follows the span, so a record
+        // spread much wider than its chunks is refused.
+        let allocated: u64 = data_chunks
+            .iter()
+            .chain(&metadata_chunks)
+            .chain(system_chunk.as_ref())
+            .map(|c| c.length * c.stripes.len() as u64)
+            .sum();
+        if end > space::DATA_START + 2 * allocated + (1 << 30) {
+            return Err(Error::msg(format!(
+                "line 1: the chunks span {end} bytes for {allocated} allocated: not a layout this tool made"
+            )));
+        }
 
         let mut files = BTreeMap::new();
         let mut all: Vec<(u64, u64, usize)> = Vec::new();
@@ -253,7 +273,7 @@ fn chunk(c: &record::ChunkRecord, dup: bool) -> Result<Chunk> {
             c.length
         )));
     }
-    if c.ty == "data" && c.length > space::DATA_CHUNK_MAX {
+    if c.length > space::DATA_CHUNK_MAX.max(MAX_METADATA_CHUNK) {
         return Err(Error::msg(format!(
             "{at}: length {} is over 1 GiB",
             c.length
@@ -346,9 +366,9 @@ fn file(f: &FileRecord, data_chunks: &[Chunk]) -> std::result::Result<BaseFile, 
                 "{at}: sizes {disk}/{ram} or offsets are not an extent's"
             ));
         }
-        let in_file = file_offset
-            .checked_add(ram)
-            .filter(|&end| file_offset >= file_end && end <= space::round_up(f.size, s));
+        let in_file = file_offset.checked_add(ram).filter(|&end| {
+            file_offset >= file_end && f.size.checked_next_multiple_of(s).is_some_and(|z| end <= z)
+        });
         let Some(end) = in_file else {
             return Err(format!(
                 "{at}: file offset {file_offset} is out of order or past the file's size {}",

@@ -99,10 +99,23 @@ pub struct DataAllocator {
     /// Free space in the base's data chunks.
     gaps: Gaps,
     /// Unchanged files' recorded extents (reserved: not in `gaps`).
-    reuse: BTreeMap<u32, Vec<BaseExtent>>,
+    reuse: BTreeMap<u32, Reserved>,
+    /// Files whose reservations are still held, by placement rank.
+    pending: BTreeMap<u64, u32>,
+    /// Each node's fs tree (placement goes tree by tree); empty: one tree.
+    tree_of: Vec<u16>,
     pub extents: Vec<DataExtent>,
-    /// `extents.len()` and `pos` at the last checkpoint.
-    mark: (usize, u64),
+    /// `extents.len()`, `pos` and the node placed at the last checkpoint.
+    mark: (usize, u64, Option<u32>),
+}
+
+/// An unchanged file's recorded extents, reserved until its turn in
+/// placement has passed: those it did not take (its pieces came out
+/// otherwise, it became a copy of an earlier file, ...) are then free
+/// again for the files after it.
+struct Reserved {
+    extents: Vec<BaseExtent>,
+    used: Vec<bool>,
 }
 
 /// Where an update's data went, for the plan's summary.
@@ -129,8 +142,56 @@ impl DataAllocator {
             excluded,
             gaps: Gaps::new([], Vec::new(), SECTOR_SIZE),
             reuse: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            tree_of: Vec::new(),
             extents: Vec::new(),
-            mark: (0, start),
+            mark: (0, start, None),
+        }
+    }
+
+    /// Where `node` comes in placement order: tree by tree, in node (=
+    /// inode) order within each.
+    fn rank(&self, node: u32) -> u64 {
+        let t = self.tree_of.get(node as usize).copied().unwrap_or(0) as u64;
+        (t << 32) | node as u64
+    }
+
+    /// Starts placing `node`: the reservations of every file before it in
+    /// placement order are over, and what they did not take is free again.
+    /// Placing calls it; the content pass's export calls it before its
+    /// checkpoint, so that taking a file back never takes back a release.
+    pub fn begin(&mut self, node: u32) {
+        let r = self.rank(node);
+        while let Some((&k, &n)) = self.pending.first_key_value() {
+            if k >= r {
+                break;
+            }
+            self.pending.remove(&k);
+            self.release(n);
+        }
+    }
+
+    /// Ends every reservation (placement is over).
+    pub fn finish(&mut self) {
+        let rest: Vec<u32> = std::mem::take(&mut self.pending).into_values().collect();
+        for n in rest {
+            self.release(n);
+        }
+    }
+
+    fn release(&mut self, node: u32) {
+        let Some(r) = self.reuse.get(&node) else {
+            return;
+        };
+        let free: Vec<(u64, u64)> = r
+            .extents
+            .iter()
+            .zip(&r.used)
+            .filter(|(_, &u)| !u)
+            .map(|(e, _)| (e.logical, e.end()))
+            .collect();
+        for (a, b) in free {
+            self.gaps.put(a, b);
         }
     }
 
@@ -138,7 +199,7 @@ impl DataAllocator {
     /// `DATA_START`, or, with a base layout, the base's data chunks (its
     /// unchanged files' extents reserved) and a data area after everything
     /// the base allocated.
-    pub fn for_tree(tree: &SourceTree, base: Option<&Base>) -> Self {
+    pub fn for_tree(tree: &SourceTree, base: Option<&Base>, tree_of: &[u16]) -> Self {
         let Some(base) = base else {
             let start = space::DATA_START;
             return DataAllocator::new(start, space::DATA_CHUNK_MAX, space::data_exclusions(start));
@@ -169,9 +230,18 @@ impl DataAllocator {
                 for e in extents {
                     a.gaps.take(e.logical, e.end());
                 }
-                a.reuse.insert(node, extents.to_vec());
+                a.reuse.insert(
+                    node,
+                    Reserved {
+                        extents: extents.to_vec(),
+                        used: vec![false; extents.len()],
+                    },
+                );
             }
         }
+        a.tree_of = tree_of.to_vec();
+        let pending: BTreeMap<u64, u32> = a.reuse.keys().map(|&n| (a.rank(n), n)).collect();
+        a.pending = pending;
         a
     }
 
@@ -183,14 +253,18 @@ impl DataAllocator {
     /// Where the extents placed so far went.
     pub fn update_stats(&self) -> UpdateStats {
         let mut st = UpdateStats {
-            files_unchanged: self.reuse.len() as u64,
+            files_unchanged: self
+                .reuse
+                .values()
+                .filter(|r| r.used.iter().any(|&u| u))
+                .count() as u64,
             free_left: self.gaps.total(),
             ..UpdateStats::default()
         };
         for e in &self.extents {
             let kept = self
                 .recorded_at(e.node, e.file_offset)
-                .is_some_and(|b| b.logical == e.logical);
+                .is_some_and(|(_, b)| b.logical == e.logical);
             match () {
                 _ if kept => st.kept += e.size(),
                 _ if e.logical >= self.start => st.appended += e.size(),
@@ -202,6 +276,7 @@ impl DataAllocator {
 
     /// Places one file's data segments.
     pub fn place(&mut self, node: u32, segments: Segments<'_>) {
+        self.begin(node);
         for seg in aligned(segments.iter()) {
             self.place_raw(node, seg);
         }
@@ -213,6 +288,7 @@ impl DataAllocator {
     /// chunk end or excluded range), a compressed one whole, moved past a
     /// chunk end or an excluded range it would cross.
     pub fn place_pieces(&mut self, node: u32, pieces: &[Piece]) {
+        self.begin(node);
         for p in pieces {
             match p.algorithm {
                 None => self.place_raw(
@@ -224,11 +300,15 @@ impl DataAllocator {
                 ),
                 Some(a) => {
                     let disk = p.disk();
-                    let kept = self.recorded_at(node, p.file_offset).filter(|e| {
+                    let kept = self.recorded_at(node, p.file_offset).filter(|&(_, e)| {
                         e.ram == p.ram as u64 && e.disk == disk && e.algorithm == Some(a)
                     });
                     let at = match kept {
-                        Some(e) => e.logical,
+                        Some((k, e)) => {
+                            let at = e.logical;
+                            self.mark_used(node, k..k + 1);
+                            at
+                        }
                         None => match self.gaps.first_fit(disk) {
                             Some((s, _)) => {
                                 self.gaps.take(s, s + disk);
@@ -254,18 +334,28 @@ impl DataAllocator {
         }
     }
 
-    /// Marks the state `rollback` returns to (the start of a file).
-    pub fn checkpoint(&mut self) {
-        self.mark = (self.extents.len(), self.pos);
+    /// Marks the state `rollback` returns to: the start of `node`.
+    pub fn checkpoint(&mut self, node: u32) {
+        self.mark = (self.extents.len(), self.pos, Some(node));
         self.gaps.checkpoint();
     }
 
-    /// Takes back everything placed since the checkpoint, and returns it.
+    /// Takes back everything placed since the checkpoint (the file it was
+    /// set for is not stored after all), and returns it.
     pub fn rollback(&mut self) -> Vec<DataExtent> {
         let undone = self.extents.split_off(self.mark.0);
         self.pos = self.mark.1;
         self.gaps.rollback();
+        if let Some(r) = self.mark.2.and_then(|n| self.reuse.get_mut(&n)) {
+            r.used.fill(false);
+        }
         undone
+    }
+
+    fn mark_used(&mut self, node: u32, k: std::ops::Range<usize>) {
+        if let Some(r) = self.reuse.get_mut(&node) {
+            r.used[k].fill(true);
+        }
     }
 
     /// The first position from `pos` where `len` bytes fit without crossing
@@ -292,16 +382,18 @@ impl DataAllocator {
 
     /// The recorded extent of an unchanged file that starts at
     /// `file_offset` (a checked record's extents are in file order).
-    fn recorded_at(&self, node: u32, file_offset: u64) -> Option<&BaseExtent> {
-        let r = self.reuse.get(&node)?;
+    fn recorded_at(&self, node: u32, file_offset: u64) -> Option<(usize, &BaseExtent)> {
+        let r = &self.reuse.get(&node)?.extents;
         let i = r.partition_point(|e| e.file_offset < file_offset);
-        r.get(i).filter(|e| e.file_offset == file_offset)
+        r.get(i)
+            .filter(|e| e.file_offset == file_offset)
+            .map(|e| (i, e))
     }
 
     /// The recorded raw extents of an unchanged file that hold exactly
     /// `seg` of it, back to back in the file.
-    fn kept_raw(&self, node: u32, seg: Segment) -> Option<&[BaseExtent]> {
-        let r = self.reuse.get(&node)?;
+    fn kept_raw(&self, node: u32, seg: Segment) -> Option<std::ops::Range<usize>> {
+        let r = &self.reuse.get(&node)?.extents;
         let first = r.partition_point(|e| e.file_offset < seg.offset);
         r.get(first).filter(|e| e.file_offset == seg.offset)?;
         let mut at = seg.offset;
@@ -312,7 +404,7 @@ impl DataAllocator {
             }
             at += e.disk;
             if at == end {
-                return Some(&r[first..first + k + 1]);
+                return Some(first..first + k + 1);
             }
             if at > end {
                 return None;
@@ -322,12 +414,14 @@ impl DataAllocator {
     }
 
     fn place_raw(&mut self, node: u32, seg: Segment) {
-        if let Some(kept) = self.kept_raw(node, seg) {
-            let v: Vec<DataExtent> = kept
+        if let Some(k) = self.kept_raw(node, seg) {
+            let r = &self.reuse[&node].extents[k.clone()];
+            let v: Vec<DataExtent> = r
                 .iter()
                 .map(|e| DataExtent::new(e.logical, e.disk, node, e.file_offset))
                 .collect();
             self.extents.extend(v);
+            self.mark_used(node, k);
             return;
         }
         let mut off = seg.offset;

@@ -85,9 +85,9 @@ impl Gaps {
         self.bounds.get(i).is_none_or(|&next| b < next)
     }
 
-    /// Adds the free range [start, end), merged with its neighbours in the
-    /// same chunk.
-    fn put(&mut self, mut start: u64, mut end: u64) {
+    /// Adds the free range [start, end) (which must not be free), merged
+    /// with its neighbours in the same chunk.
+    pub fn put(&mut self, mut start: u64, mut end: u64) {
         if let Some((&s, &e)) = self.free.range(..start).next_back() {
             if e == start && self.same_chunk(s, start) {
                 start = s;

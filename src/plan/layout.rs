@@ -49,9 +49,11 @@ pub struct Kept<'a> {
     pub system: Option<&'a Chunk>,
 }
 
-/// Bytes of tree blocks a chunk holds around its excluded ranges.
+/// Bytes of tree blocks a chunk holds around its excluded ranges (which
+/// are whole 64 KiB stripes, so node aligned: counted, not walked).
 fn usable(c: &Chunk, nodesize: u64) -> u64 {
-    space::block_slots(c, nodesize).count() as u64 * nodesize
+    let lost: u64 = c.excluded().iter().map(|x| x.len).sum();
+    (c.length - lost) / nodesize * nodesize
 }
 
 /// The converged layout.
@@ -361,6 +363,28 @@ impl<'a> Slots<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usable_counts_what_the_slots_give() {
+        let mib = 1u64 << 20;
+        for (start, len, dup) in [
+            (30 * mib, 4 * mib, true),
+            (62 * mib, 4 * mib, true),
+            (63 * mib + (1 << 16), 2 * mib, false),
+            (256 * 1024 * mib - mib, 3 * mib, true),
+        ] {
+            let c = space::metadata_chunks(start, len, dup, BLOCK_GROUP_METADATA)
+                .pop()
+                .unwrap();
+            for nodesize in [4096u64, 16384, 65536] {
+                assert_eq!(
+                    usable(&c, nodesize),
+                    space::block_slots(&c, nodesize).count() as u64 * nodesize,
+                    "{c:?} {nodesize}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn global_reserve_is_capped() {

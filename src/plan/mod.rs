@@ -312,11 +312,12 @@ struct Placement {
 /// it.
 fn place_data(
     tree: &SourceTree,
+    tree_of: &[u16],
     fs_trees: &[FsItems],
     content: Option<&ContentIndex>,
     opts: &Options,
 ) -> Result<Placement> {
-    let mut alloc = DataAllocator::for_tree(tree, opts.base.as_deref());
+    let mut alloc = DataAllocator::for_tree(tree, opts.base.as_deref(), tree_of);
     let mut own = Vec::with_capacity(fs_trees.len());
     for fs in fs_trees {
         let first = alloc.extents.len();
@@ -338,6 +339,7 @@ fn place_data(
             u32::MAX - 1
         )));
     }
+    alloc.finish();
     let appended = alloc.pos;
     let free_in_base = alloc.free_in_base();
     let update = opts.base.is_some().then(|| alloc.update_stats());
@@ -524,7 +526,11 @@ pub fn build_with(
         })
         .collect::<Result<_>>()?;
     drop(hash_order);
-    let data = place_data(&tree, &fs_trees, content.as_deref(), opts)?;
+    let tree_of: &[u16] = match opts.subvolumes.is_empty() {
+        true => &[],
+        false => part.tree_of(),
+    };
+    let data = place_data(&tree, tree_of, &fs_trees, content.as_deref(), opts)?;
     if data
         .extents
         .iter()

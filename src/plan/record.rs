@@ -223,7 +223,7 @@ pub const MAX_LINE: u64 = 64 << 20;
 
 /// One line of at most `MAX_LINE` bytes (and one more, to tell).
 fn read_bounded<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<usize> {
-    io::Read::take(r, MAX_LINE + 1).read_until(b'\n', buf)
+    io::Read::take(r, MAX_LINE + 2).read_until(b'\n', buf)
 }
 
 /// Lines of at most `MAX_LINE` bytes; a longer one is an error.
@@ -232,12 +232,14 @@ fn bounded_lines(mut r: impl BufRead) -> impl Iterator<Item = io::Result<String>
         let mut buf = Vec::new();
         match read_bounded(&mut r, &mut buf) {
             Ok(0) => None,
-            Ok(_) if buf.len() as u64 > MAX_LINE => Some(Err(io::Error::other(format!(
-                "a line longer than {MAX_LINE} bytes"
-            )))),
             Ok(_) => {
                 if buf.last() == Some(&b'\n') {
                     buf.pop();
+                }
+                if buf.len() as u64 > MAX_LINE {
+                    return Some(Err(io::Error::other(format!(
+                        "a line longer than {MAX_LINE} bytes"
+                    ))));
                 }
                 Some(
                     String::from_utf8(buf)
