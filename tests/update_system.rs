@@ -11,6 +11,9 @@
 
 mod common;
 
+#[path = "common/closure.rs"]
+mod closure;
+
 use btrfsimg::plan::record;
 use common::*;
 use std::collections::BTreeMap;
@@ -227,4 +230,100 @@ fn a_chain_of_updates_with_a_subvolume_mounts_and_checks_clean() {
         &["--subvol", "nix", "--metadata", "single"],
         4,
     );
+}
+
+/// Blocks (4 KiB) in which two images differ, the shorter read as zeros.
+fn differing_blocks(a: &Path, b: &Path) -> u64 {
+    let (x, y) = (fs::read(a).unwrap(), fs::read(b).unwrap());
+    let n = x.len().max(y.len()).div_ceil(4096);
+    let block = |v: &[u8], i: usize| -> Vec<u8> {
+        let s = (i * 4096).min(v.len());
+        let e = ((i + 1) * 4096).min(v.len());
+        let mut b = v[s..e].to_vec();
+        b.resize(4096, 0);
+        b
+    };
+    (0..n).filter(|&i| block(&x, i) != block(&y, i)).count() as u64
+}
+
+/// The closure: 300 store paths, 15 replaced by new versions and an
+/// overlay file rewritten. With v1's layout as base, v2 checks clean,
+/// mounts equal to its source, is reproducible, differs from v1 in at most
+/// 1.25x its new data and tree blocks and in at most 0.2x the blocks a
+/// fresh v2 differs in, and is at most 1.15x a fresh v2's size.
+#[test]
+fn a_five_percent_update_of_a_closure_rewrites_little() {
+    if !system_tests_available("a_five_percent_update_of_a_closure_rewrites_little") {
+        return;
+    }
+    let work = workdir("update-closure");
+    let dir = work.path();
+    let c1 = closure::Closure::new(300);
+    let c2 = c1.update(15);
+    let (v1, v2) = (dir.join("v1"), dir.join("v2"));
+    c1.write(&v1);
+    c2.write(&v2);
+    let uuid = "0b0d0a0e-0016-4000-8000-000000000004";
+    let (i1, l1) = (dir.join("v1.img"), dir.join("v1.layout"));
+    let mut a = fixed_args(uuid);
+    a.extend(["--write-layout", l1.to_str().unwrap()]);
+    export_sources(Some(&v1), &i1, &a);
+    let fresh = dir.join("fresh.img");
+    export_sources(Some(&v2), &fresh, &fixed_args(uuid));
+    let (i2, l2) = (dir.join("v2.img"), dir.join("v2.layout"));
+    let mut a = fixed_args(uuid);
+    a.extend([
+        "--base-layout",
+        l1.to_str().unwrap(),
+        "--write-layout",
+        l2.to_str().unwrap(),
+    ]);
+    export_sources(Some(&v2), &i2, &a);
+    btrfs_check(&i2);
+    let m = LoopMount::new(&i2, false);
+    compare_trees(&v2, m.path(), CompareOpts::default());
+    m.unmount();
+    let again = dir.join("again.img");
+    export_sources(Some(&v2), &again, &a);
+    assert!(
+        fs::read(&again).unwrap() == fs::read(&i2).unwrap(),
+        "reproducible"
+    );
+
+    // The budget: v2's files not kept in place, and every tree block copy.
+    let (r1, r2) = (read_record(&l1), read_record(&l2));
+    let before: BTreeMap<Vec<u8>, &record::FileRecord> =
+        r1.files.iter().map(|f| (f.path(), f)).collect();
+    let new_data: u64 = r2
+        .files
+        .iter()
+        .filter(|f| before.get(&f.path()) != Some(f))
+        .flat_map(|f| f.extents.iter().map(|e| e.2 / 4096))
+        .sum();
+    let mut pa = fixed_args(uuid);
+    pa.extend(["--base-layout", l1.to_str().unwrap()]);
+    let summary = run_ok(
+        std::process::Command::new(btrfsimg_bin())
+            .arg("plan")
+            .arg(&v2)
+            .args(&pa),
+    );
+    let tree_blocks: u64 = summary
+        .lines()
+        .find_map(|l| l.strip_prefix("tree blocks: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a tree blocks line");
+    let budget = new_data + tree_blocks * 2 * 4;
+    let changed = differing_blocks(&i1, &i2);
+    let changed_fresh = differing_blocks(&i1, &fresh);
+    assert!(
+        changed as f64 <= 1.25 * budget as f64,
+        "{changed} blocks differ; budget {budget} ({new_data} new data, {tree_blocks} tree blocks)"
+    );
+    assert!(
+        changed as f64 <= 0.2 * changed_fresh as f64,
+        "{changed} blocks differ, {changed_fresh} for a fresh v2"
+    );
+    assert!(size(&i2) as f64 <= 1.15 * size(&fresh) as f64);
 }
