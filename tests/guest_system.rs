@@ -140,6 +140,108 @@ fn guest_linux_5_10_reads_default_zstd_and_subvolume_images() {
     }
 }
 
+/// An update planned from a base layout (data kept in place, new data in
+/// freed space and in a data chunk after the base's metadata chunks) reads
+/// as its source in Linux 5.10 and 6.1.
+#[test]
+fn guest_linux_5_10_and_6_1_read_an_update() {
+    let what = "guest_linux_5_10_and_6_1_read_an_update";
+    let Some(old) = guest_5_10_available(what) else {
+        return;
+    };
+    let Some(new) = guest_available(what) else {
+        return;
+    };
+    if !fuse_available(what) {
+        return;
+    }
+    let work = workdir("guest-update");
+    let src = work.path().join("src");
+    fuse_test_tree(&src);
+    let uuid = "0b0d0a0e-0011-4000-8000-000000000513";
+    let base = work.path().join("v1.layout");
+    let mut args = fixed_args(uuid);
+    args.extend(["--write-layout", base.to_str().unwrap()]);
+    export_sources(Some(&src), &work.path().join("v1.img"), &args);
+    // v2: some files go, others come, one larger than all the freed space.
+    let mut removed = 0;
+    for e in walk_files(&src) {
+        if removed < 40 && e.metadata().unwrap().len() > 1000 {
+            std::fs::remove_file(&e).unwrap();
+            removed += 1;
+        }
+    }
+    let mut t = TreeBuilder::new(&src.join("update"));
+    t.random_file(b"large", 24 << 20, 71);
+    for i in 0..30u64 {
+        t.random_file(format!("small-{i}").as_bytes(), 3000 + i * 4096, 80 + i);
+    }
+    t.finalize();
+    let layout = work.path().join("v2.layout");
+    let mut args = fixed_args(uuid);
+    args.extend([
+        "--base-layout",
+        base.to_str().unwrap(),
+        "--write-layout",
+        layout.to_str().unwrap(),
+    ]);
+    let m = FuseMount::start(&src, &work.path().join("mnt"), &args);
+    let rec = btrfsimg::plan::record::read(std::io::BufReader::new(
+        std::fs::File::open(&layout).unwrap(),
+    ))
+    .unwrap();
+    let meta_end = rec
+        .header
+        .chunks
+        .iter()
+        .filter(|c| c.ty == "metadata")
+        .map(|c| c.logical)
+        .min()
+        .unwrap();
+    assert!(
+        rec.header
+            .chunks
+            .iter()
+            .any(|c| c.ty == "data" && c.logical > meta_end),
+        "a data chunk after metadata"
+    );
+    let drive = format!(
+        "file={},format=raw,readonly=on,cache=none",
+        m.img().display()
+    );
+    for guest in [&old, &new] {
+        let out = guest.run(&drive, LIST_AND_HASH, Duration::from_secs(300));
+        let (got, want) = (guest_listing(&out), expected_listing(&src));
+        assert!(
+            got == want,
+            "guest and source differ: {} vs {} lines",
+            got.len(),
+            want.len()
+        );
+        assert!(got.len() > 1500, "{} lines", got.len());
+    }
+    assert!(m.stop(libc::SIGTERM).success());
+}
+
+/// Regular files under `dir`, sorted.
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                todo.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// LIST_AND_HASH with `@extra` mounted on its mountpoint.
 fn subvolume_script() -> String {
     LIST_AND_HASH
