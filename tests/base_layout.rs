@@ -13,7 +13,6 @@ use btrfsimg::plan::record::{self, FileRecord, Record};
 use common::*;
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::BufReader;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -62,10 +61,6 @@ fn tree(src: &Path, skip: &[u64], extra: &[(u64, u64)], conf: &[u8], text: bool)
     t.finalize();
 }
 
-fn read_record(p: &Path) -> Record {
-    record::read(BufReader::new(fs::File::open(p).unwrap())).expect("a valid record")
-}
-
 fn by_path(r: &Record) -> BTreeMap<Vec<u8>, &FileRecord> {
     r.files.iter().map(|f| (f.path(), f)).collect()
 }
@@ -78,22 +73,13 @@ fn same_identity(a: &FileRecord, b: &FileRecord) -> bool {
 /// physical address in `img`.
 fn check_raw_extents(r: &Record, img: &Path, src: &Path) {
     let image = fs::File::open(img).unwrap();
-    let physical = |logical: u64| {
-        let c = r
-            .header
-            .chunks
-            .iter()
-            .find(|c| c.logical <= logical && logical < c.logical + c.length)
-            .expect("in a chunk");
-        c.stripes[0] + (logical - c.logical)
-    };
     for f in r.files.iter().filter(|f| f.stored == "extents") {
         let rel = String::from_utf8(f.path()).unwrap();
         let want = fs::read(src.join(rel.trim_start_matches('/'))).unwrap();
         for &(off, logical, disk, _, ref algo) in f.extents.iter().filter(|e| e.4.is_none()) {
             assert!(algo.is_none());
             let mut got = vec![0u8; disk as usize];
-            image.read_exact_at(&mut got, physical(logical)).unwrap();
+            image.read_exact_at(&mut got, physical(r, logical)).unwrap();
             let n = (want.len() as u64 - off).min(disk) as usize;
             assert!(
                 got[..n] == want[off as usize..off as usize + n],

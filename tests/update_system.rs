@@ -86,10 +86,6 @@ fn build_tree(src: &Path, paths: &[StorePath], generation: u64) {
     t.finalize();
 }
 
-fn read_record(p: &Path) -> record::Record {
-    record::read(std::io::BufReader::new(fs::File::open(p).unwrap())).expect("a valid record")
-}
-
 /// Extents of files unchanged from `old` to `new` that kept their place,
 /// and unchanged files whose extents moved.
 fn kept_extents(old: &record::Record, new: &record::Record) -> (usize, usize) {
@@ -232,21 +228,7 @@ fn a_chain_of_updates_with_a_subvolume_mounts_and_checks_clean() {
     );
 }
 
-/// Blocks (4 KiB) in which two images differ, the shorter read as zeros.
-fn differing_blocks(a: &Path, b: &Path) -> u64 {
-    let (x, y) = (fs::read(a).unwrap(), fs::read(b).unwrap());
-    let n = x.len().max(y.len()).div_ceil(4096);
-    let block = |v: &[u8], i: usize| -> Vec<u8> {
-        let s = (i * 4096).min(v.len());
-        let e = ((i + 1) * 4096).min(v.len());
-        let mut b = v[s..e].to_vec();
-        b.resize(4096, 0);
-        b
-    };
-    (0..n).filter(|&i| block(&x, i) != block(&y, i)).count() as u64
-}
-
-/// The closure: 300 store paths, 15 replaced by new versions and an
+/// A generated closure of 300 store paths, 15 replaced by new versions and an
 /// overlay file rewritten. With v1's layout as base, v2 checks clean,
 /// mounts equal to its source, is reproducible, differs from v1 in at most
 /// 1.25x its new data and tree blocks and in at most 0.2x the blocks a
