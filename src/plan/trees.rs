@@ -251,8 +251,12 @@ pub fn root_tree(r: &RootTreeInput) -> VecItems {
 }
 
 /// Checksum items, computed rather than stored: maximal runs of adjacent data
-/// extents within one chunk, each cut into items of at most the kernel's
-/// per-item count. Memory is one entry per run, whatever the amount of data.
+/// extents within one chunk, each cut into items on an absolute grid of the
+/// kernel's per-item count (a cell is that many sectors from logical 0): an
+/// item's bounds depend only on the data in its own cell, so an update that
+/// adds data in one place leaves every other item, and the leaves holding
+/// them, as they were. Memory is one entry per run, whatever the amount of
+/// data.
 pub struct CsumItems {
     /// (logical start, length, index of the run's first item).
     runs: Vec<(u64, u64, u64)>,
@@ -295,7 +299,7 @@ pub fn csum_tree<'a>(
         .into_iter()
         .map(|(s, len, _)| {
             let first = items;
-            items += len.div_ceil(per_item);
+            items += cells(s, len, per_item);
             (s, len, first)
         })
         .collect();
@@ -307,11 +311,17 @@ pub fn csum_tree<'a>(
     }
 }
 
+/// Grid cells of `cell` bytes that `[s, s + len)` touches.
+fn cells(s: u64, len: u64, cell: u64) -> u64 {
+    (s + len).div_ceil(cell) - s / cell
+}
+
 impl CsumItems {
     fn item(&self, run: usize, k: u64) -> Item<'static> {
         let (s, len, _) = self.runs[run];
-        let start = s + k * self.per_item;
-        let n = (len - k * self.per_item).min(self.per_item);
+        let cell = s / self.per_item + k;
+        let start = s.max(cell * self.per_item);
+        let n = (s + len).min((cell + 1) * self.per_item) - start;
         Item {
             key: Key::new(EXTENT_CSUM_OBJECTID, EXTENT_CSUM_KEY, start),
             body: Body::Csum {
@@ -335,8 +345,8 @@ impl ItemSource for CsumItems {
             .saturating_sub(1);
         let mut k = start - self.runs.get(run).map_or(0, |r| r.2);
         Box::new(std::iter::from_fn(move || {
-            let &(_, len, _) = self.runs.get(run)?;
-            if k * self.per_item >= len {
+            let &(s, len, _) = self.runs.get(run)?;
+            if k >= cells(s, len, self.per_item) {
                 run += 1;
                 k = 0;
                 self.runs.get(run)?;
@@ -632,7 +642,10 @@ mod tests {
                 csum,
                 &|_| false,
             );
-            assert_eq!(items.count(), 10_000u64.div_ceil(per), "{csum:?}");
+            // Cut on the grid of `per` sectors from logical 0.
+            let first_cell = 256 / per;
+            let last_cell = (256 + 10_000 - 1) / per;
+            assert_eq!(items.count(), last_cell - first_cell + 1, "{csum:?}");
             let mut next = 1u64 << 20;
             let mut total = 0;
             for item in items.iter_from(0) {
@@ -641,6 +654,8 @@ mod tests {
                 };
                 assert_eq!((item.key.offset, start), (next, next), "{csum:?}");
                 assert!(count as u64 <= per, "{csum:?}");
+                let sector = start / s;
+                assert_eq!(sector / per, (sector + count as u64 - 1) / per, "one cell");
                 assert_eq!(item.body.size(), count as usize * csum.size());
                 assert!(item.body.size() <= max_item_size(16384));
                 next += count as u64 * s;
