@@ -137,7 +137,7 @@ pub fn plan_tree(
     )?);
     let tree_of = match opts.subvolumes.is_empty() {
         true => Vec::new(),
-        false => plan::subvol::resolve(&tree, &opts.subvolumes)?
+        false => plan::subvol::resolve(&tree, &opts.subvolumes, None)?
             .0
             .tree_of()
             .to_vec(),

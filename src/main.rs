@@ -312,20 +312,11 @@ fn parse_size(what: &str, s: &str) -> Result<u64, Error> {
 }
 
 fn parse_uuid(s: &str) -> Result<[u8; 16], Error> {
-    let hex: String = s.chars().filter(|&c| c != '-').collect();
-    let groups: Vec<usize> = s.split('-').map(|g| g.len()).collect();
-    if hex.len() != 32 || groups != [8, 4, 4, 4, 12] || !hex.chars().all(|c| c.is_ascii_hexdigit())
-    {
-        return Err(Error::msg(format!(
+    btrfsimg::plan::uuid::parse_uuid(s).ok_or_else(|| {
+        Error::msg(format!(
             "invalid --uuid '{s}': expected the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
-        )));
-    }
-    let mut u = [0u8; 16];
-    for (i, b) in u.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| Error::msg(format!("invalid --uuid '{s}'")))?;
-    }
-    Ok(u)
+        ))
+    })
 }
 
 fn parse_owner(s: &str) -> Result<(u32, u32), Error> {

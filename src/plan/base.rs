@@ -10,6 +10,7 @@
 
 use super::data::MAX_EXTENT;
 use super::limits::MAX_IMAGE_SIZE;
+use super::numbering::{BaseNumbers, EntryNumbers, MAX_NUMBER, ROOT_INO};
 use super::record::{self, FileRecord, Record};
 use super::space::{self, Chunk};
 use super::Options;
@@ -32,6 +33,10 @@ const MAX_METADATA_CHUNK: u64 = 1 << 30;
 
 /// Largest compressed extent (file bytes and bytes on disk).
 const MAX_COMPRESSED: u64 = 128 << 10;
+
+/// A base's tree blocks: by tree object id, level by level, (first key,
+/// logical address) sorted by key.
+pub type BaseBlocks = BTreeMap<u64, Vec<Vec<(Key, u64)>>>;
 
 /// One recorded extent of a base file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +72,14 @@ pub struct Base {
     /// Past every logical range and every physical stripe of the base:
     /// where new chunks may start (logical = physical).
     pub end: u64,
+    /// The base image's filesystem UUID: an update keeps it (tree block
+    /// headers carry it, and `/etc/fstab` may name it).
+    pub fsid: [u8; 16],
+    /// Every recorded entry's inode number and directory index.
+    pub numbers: BaseNumbers,
+    /// Each tree's blocks (by tree object id), level by level: (first key,
+    /// logical address), sorted by key.
+    pub blocks: BaseBlocks,
     files: BTreeMap<Vec<u8>, BaseFile>,
 }
 
@@ -156,11 +169,11 @@ impl Base {
 
         let mut files = BTreeMap::new();
         let mut all: Vec<(u64, u64, usize)> = Vec::new();
-        for (i, f) in rec.files.into_iter().enumerate() {
+        for (i, f) in rec.files.iter().enumerate() {
             let line = i + 2;
             let bad = |why: String| Error::msg(format!("line {line}: {why}"));
             let p = f.path();
-            let base = file(&f, &data_chunks).map_err(bad)?;
+            let base = file(f, &data_chunks).map_err(bad)?;
             all.extend(base.extents.iter().map(|e| (e.logical, e.end(), line)));
             if files.insert(p.clone(), base).is_some() {
                 return Err(bad(format!(
@@ -176,14 +189,49 @@ impl Base {
                 w[1].2, w[1].0, w[0].2
             )));
         }
+        let fsid = super::uuid::parse_uuid(&rec.header.fsid).ok_or_else(|| {
+            Error::msg(format!("line 1: fsid '{}' is not a UUID", rec.header.fsid))
+        })?;
+        let first_entry = 2 + rec.files.len();
+        let numbers = numbers(&rec.entries, first_entry)?;
+        let first_block = first_entry + rec.entries.len();
+        let blocks = blocks(
+            &rec.blocks,
+            first_block,
+            opts.nodesize,
+            &metadata_chunks,
+            system_chunk.as_ref(),
+        )?;
         Ok(Base {
             path: path.to_path_buf(),
             data_chunks,
             metadata_chunks,
             system_chunk,
             end: space::round_up(end, STRIPE_LEN),
+            fsid,
+            numbers,
+            blocks,
             files,
         })
+    }
+
+    /// Where blocks of tree `tree` (object id) began, level by level.
+    pub fn anchors(&self, tree: u64) -> Vec<Vec<Key>> {
+        self.blocks.get(&tree).map_or_else(Vec::new, |levels| {
+            levels
+                .iter()
+                .map(|l| l.iter().map(|&(k, _)| k).collect())
+                .collect()
+        })
+    }
+
+    /// Where the base had the block of tree `tree` at `level` that a block
+    /// with first key `key` takes the place of: the last one whose first
+    /// key is at or before `key`.
+    pub fn block_at(&self, tree: u64, level: usize, key: Key) -> Option<u64> {
+        let l = self.blocks.get(&tree)?.get(level)?;
+        let i = l.partition_point(|&(k, _)| k <= key).checked_sub(1)?;
+        Some(l[i].1)
     }
 
     /// For each node of `tree` (by index): the recorded extents of the base
@@ -212,6 +260,78 @@ impl Base {
         }
         out
     }
+}
+
+/// The recorded entries' numbers, checked: in range, each path once.
+fn numbers(entries: &[record::EntryRecord], first_line: usize) -> Result<BaseNumbers> {
+    let mut b = BaseNumbers::default();
+    for (i, e) in entries.iter().enumerate() {
+        let bad = |why: String| Error::msg(format!("line {}: {why}", first_line + i));
+        let (tree, ino, index) = e.entry;
+        if !(ROOT_INO..=MAX_NUMBER).contains(&ino) || index > MAX_NUMBER {
+            return Err(bad(format!(
+                "inode number {ino} or index {index} is out of range"
+            )));
+        }
+        let p = e.path();
+        if !p.starts_with(b"/") {
+            return Err(bad("an entry path must start with '/'".into()));
+        }
+        if !b.insert(p, EntryNumbers { tree, ino, index }) {
+            return Err(bad(format!(
+                "the entry {} is recorded twice",
+                String::from_utf8_lossy(&e.path())
+            )));
+        }
+    }
+    Ok(b)
+}
+
+/// The recorded tree blocks, checked: levels in range, node-aligned
+/// addresses inside the base's metadata or system chunks, no address
+/// twice, keys increasing within each level of a tree.
+fn blocks(
+    recs: &[record::BlockRecord],
+    first_line: usize,
+    nodesize: u32,
+    meta: &[Chunk],
+    system: Option<&Chunk>,
+) -> Result<BaseBlocks> {
+    let mut out = BaseBlocks::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let n = nodesize as u64;
+    for (i, r) in recs.iter().enumerate() {
+        let bad = |why: String| Error::msg(format!("line {}: {why}", first_line + i));
+        let (tree, level, objectid, ty, offset, logical) = r.block;
+        if level as usize >= MAX_LEVEL {
+            return Err(bad(format!("block level {level} is out of range")));
+        }
+        let inside = meta
+            .iter()
+            .chain(system)
+            .any(|c| logical >= c.logical && logical.saturating_add(n) <= c.end());
+        if logical % n != 0 || !inside {
+            return Err(bad(format!(
+                "a tree block at {logical} is not a node inside a metadata chunk"
+            )));
+        }
+        if !seen.insert(logical) {
+            return Err(bad(format!("two tree blocks at {logical}")));
+        }
+        let levels = out.entry(tree).or_default();
+        if levels.len() <= level as usize {
+            levels.resize(level as usize + 1, Vec::new());
+        }
+        let key = Key::new(objectid, ty, offset);
+        let l = &mut levels[level as usize];
+        if l.last().is_some_and(|&(k, _)| k >= key) {
+            return Err(bad(format!(
+                "tree {tree} level {level}: keys not increasing"
+            )));
+        }
+        l.push((key, logical));
+    }
+    Ok(out)
 }
 
 /// The options that decide how data is cut and where tree blocks fit must

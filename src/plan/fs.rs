@@ -47,14 +47,15 @@ const COMPRESSED: u8 = 16;
 /// subvolumes).
 const SHARED: u8 = 32;
 
-/// 16 bytes per inode: the flags live in the top byte of the item index.
+/// 24 bytes per inode: the flags live in the top byte of the item index.
 #[derive(Clone, Copy, Debug)]
 struct Inode {
     /// The source node of this inode's first name in this tree (its
     /// attributes are its first hard link's, `SourceTree::link_rep`).
     node: u32,
-    /// Its first data extent; it has those up to the next inode's.
+    /// Its data extents (its node's, placed in node order).
     ext_start: u32,
+    ext_len: u32,
     /// Index of its first item (low 56 bits) and its flags (top 8 bits).
     item_flags: u64,
 }
@@ -66,6 +67,7 @@ impl Inode {
         Inode {
             node,
             ext_start: 0,
+            ext_len: 0,
             item_flags: (flags as u64) << ITEM_BITS,
         }
     }
@@ -113,8 +115,6 @@ pub struct FsItems {
     /// The tree's object id (5 for the top-level fs tree).
     objectid: u64,
     inodes: Vec<Inode>,
-    /// Inode index (ino - 256) of every source node, in its own tree.
-    node_ino: Arc<Vec<u32>>,
     /// For every directory, its children sorted by (name hash, node); stored at
     /// the positions of the children themselves (one for all trees).
     hash_order: Arc<Vec<u32>>,
@@ -184,22 +184,22 @@ impl FsItems {
     ) -> Result<FsItems> {
         let n = tree.len();
         let objectid = part.subvols[this].id;
-        let node_ino = part.node_ino.clone();
-        let mut inodes: Vec<Inode> = Vec::new();
+        let node_ino = &part.numbering.node_ino;
+        let firsts = &part.numbering.firsts[this];
+        let ino_of = |idx: u32| part.numbering.ino(this, idx);
+        let mut inodes: Vec<Inode> = Vec::with_capacity(firsts.len());
         let mut xattr_items = BTreeMap::new();
         let mut shared: BTreeMap<u32, u32> = BTreeMap::new();
         let mut nlinks: BTreeMap<u32, u32> = BTreeMap::new();
         for i in 0..n as u32 {
-            if part.subvol(i) != this {
-                continue;
-            }
-            let ino = node_ino[i as usize];
-            if (ino as usize) < inodes.len() {
+            let idx = node_ino[i as usize];
+            if part.subvol(i) == this && firsts[idx as usize] != i {
                 // A later name of an inode of this tree.
-                *nlinks.entry(ino).or_insert(1) += 1;
-                continue;
+                *nlinks.entry(idx).or_insert(1) += 1;
             }
-            debug_assert_eq!(ino as usize, inodes.len(), "inodes are numbered in order");
+        }
+        // Inodes in index (= inode number) order.
+        for &i in firsts {
             // Attributes and data are the first hard link's (in this tree or,
             // for a link split between subvolumes, another).
             let a = tree.link_rep(i);
@@ -288,7 +288,7 @@ impl FsItems {
                     cur_parent = parent;
                     cur_size = rec;
                     refs.push(RefItem {
-                        key: Key::new(256 + ino as u64, INODE_REF_KEY, 256 + parent as u64),
+                        key: Key::new(ino_of(ino), INODE_REF_KEY, ino_of(parent)),
                         nodes: vec![c],
                     });
                 } else if cur_size + rec <= max_item {
@@ -297,13 +297,13 @@ impl FsItems {
                         r.nodes.push(c);
                     }
                 } else {
-                    let h = extref_hash(256 + parent as u64, tree.name(c));
+                    let h = extref_hash(ino_of(parent), tree.name(c));
                     ext.entry(h).or_default().push(c);
                 }
             }
             for (h, nodes) in ext {
                 refs.push(RefItem {
-                    key: Key::new(256 + ino as u64, INODE_EXTREF_KEY, h),
+                    key: Key::new(ino_of(ino), INODE_EXTREF_KEY, h),
                     nodes,
                 });
             }
@@ -341,7 +341,6 @@ impl FsItems {
             this,
             objectid,
             inodes,
-            node_ino,
             hash_order,
             dir_groups,
             xattr_items,
@@ -357,13 +356,19 @@ impl FsItems {
     }
 
     /// The source nodes of the inodes whose data goes into extents, in inode order.
-    pub fn extent_files(&self) -> impl Iterator<Item = u32> + '_ {
-        self.inodes
+    pub fn extent_files(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .inodes
             .iter()
             .filter(|i| {
                 !i.has(INLINE) && !i.has(SHARED) && self.tree.node(i.node).kind == Kind::File
             })
             .map(|i| i.node)
+            .collect();
+        // Placement (and the content pass) go in node order, which an
+        // update's inode numbers need not follow.
+        v.sort_unstable();
+        v
     }
 
     /// The source nodes whose extents other inodes share.
@@ -385,25 +390,29 @@ impl FsItems {
             .values()
             .map(|&src| (src, ranges.get(&src).copied().unwrap_or((0, 0))))
             .collect();
+        // Extents come in node order, each file's together.
+        let mut by_node: BTreeMap<u32, (u32, u32)> = BTreeMap::new();
         let mut e = own.start;
+        while e < own.end {
+            let (node, s) = (extents[e].node, e);
+            while e < own.end && extents[e].node == node {
+                e += 1;
+            }
+            by_node.insert(node, (s as u32, (e - s) as u32));
+        }
         let mut next = 0u64;
         for idx in 0..self.inodes.len() {
             let node = self.inodes[idx].node;
-            while e < own.end && self.node_ino[extents[e].node as usize] < idx as u32 {
-                e += 1;
-            }
-            self.inodes[idx].ext_start = e as u32;
+            let (start, len) = by_node.get(&node).copied().unwrap_or((own.end as u32, 0));
+            self.inodes[idx].ext_start = start;
+            self.inodes[idx].ext_len = len;
             self.inodes[idx].set_first_item(next);
-            let mut end = e;
-            while end < own.end && extents[end].node == node {
-                end += 1;
-            }
             let ext_count = match self.shared.get(&(idx as u32)) {
                 Some(src) => {
                     let (s, e) = self.shared_ranges[src];
                     (e - s) as u64
                 }
-                None => (end - e) as u64,
+                None => len as u64,
             };
             next += (0..5)
                 .map(|sec| self.section_len(idx, sec) as u64)
@@ -429,7 +438,7 @@ impl FsItems {
     }
 
     fn ino(&self, inode_idx: u32) -> u64 {
-        256 + inode_idx as u64
+        self.part.numbering.ino(self.this, inode_idx)
     }
 
     fn ext_range(&self, idx: usize) -> std::ops::Range<usize> {
@@ -437,12 +446,8 @@ impl FsItems {
             let (s, e) = self.shared_ranges[src];
             return s as usize..e as usize;
         }
-        let s = self.inodes[idx].ext_start as usize;
-        let e = self
-            .inodes
-            .get(idx + 1)
-            .map_or(self.ext_end as usize, |i| i.ext_start as usize);
-        s..e.max(s)
+        let i = &self.inodes[idx];
+        i.ext_start as usize..(i.ext_start + i.ext_len) as usize
     }
 
     /// The node holding inode `idx`'s attributes and data.
@@ -451,8 +456,7 @@ impl FsItems {
     }
 
     fn index_in_parent(&self, c: u32) -> u64 {
-        let p = self.tree.node(c).parent;
-        2 + (c - self.tree.node(p).first_child()) as u64
+        self.part.dir_index(&self.tree, c)
     }
 
     /// Where a directory entry points: the child's inode, or for the root
@@ -462,7 +466,7 @@ impl FsItems {
         if self.part.subvol(c) != self.this {
             return Key::new(self.part.id_of(c), ROOT_ITEM_KEY, 0);
         }
-        Key::new(self.ino(self.node_ino[c as usize]), INODE_ITEM_KEY, 0)
+        Key::new(self.part.ino_of(c), INODE_ITEM_KEY, 0)
     }
 
     fn nbytes(&self, idx: usize) -> u64 {
@@ -581,7 +585,7 @@ impl FsItems {
                     r.nodes
                         .iter()
                         .map(|&c| {
-                            let p = self.ino(self.node_ino[tree.node(c).parent as usize]);
+                            let p = self.part.ino_of(tree.node(c).parent);
                             (p, self.index_in_parent(c), tree.name(c))
                         })
                         .collect(),
@@ -589,7 +593,7 @@ impl FsItems {
             };
             return Item { key: r.key, body };
         }
-        let parent = self.ino(self.node_ino[tree.node(d).parent as usize]);
+        let parent = self.part.ino_of(tree.node(d).parent);
         Item {
             key: Key::new(ino, INODE_REF_KEY, parent),
             body: Body::InodeRef(vec![(self.index_in_parent(d), tree.name(d))]),
@@ -675,8 +679,13 @@ impl FsItems {
 
     /// The error for an item no leaf can hold, naming the entry that made it.
     pub fn oversized(&self, o: &Oversized, nodesize: u32) -> Error {
-        let idx = (o.key.objectid - 256) as usize;
-        let node = self.inodes[idx].node;
+        let Some(idx) = self.part.numbering.index_of(self.this, o.key.objectid) else {
+            return Error::msg(format!(
+                "internal error: an oversized item of no inode ({:?})",
+                o.key
+            ));
+        };
+        let node = self.inodes[idx as usize].node;
         let path = self.tree.path(node);
         let Some(item) = self.iter_from(o.index).next() else {
             return Error::at(&path, "internal error: oversized item vanished");
@@ -784,10 +793,7 @@ pub fn owners(trees: &[FsItems]) -> Arc<dyn ExtentOwners> {
 impl ExtentOwners for FsOwners {
     fn owners(&self, extent: u32) -> Vec<DataRef> {
         let e = &self.extents[extent as usize];
-        let own = (
-            self.part.id_of(e.node),
-            256 + self.part.node_ino[e.node as usize] as u64,
-        );
+        let own = (self.part.id_of(e.node), self.part.ino_of(e.node));
         std::iter::once(own)
             .chain(self.sharers.get(&e.node).into_iter().flatten().copied())
             .map(|(root, ino)| DataRef {
@@ -854,9 +860,14 @@ impl<'a> Iterator for FsIter<'a> {
                 }
                 3 => self.fs.dir_item(idx, k),
                 4 => {
-                    let c = self.fs.tree.node(self.fs.inodes[idx].node).first_child() + k;
+                    let first = self.fs.tree.node(self.fs.inodes[idx].node).first_child();
+                    let c = self.fs.part.numbering.index_child(first, k);
                     Item {
-                        key: Key::new(self.fs.ino(idx as u32), DIR_INDEX_KEY, 2 + k as u64),
+                        key: Key::new(
+                            self.fs.ino(idx as u32),
+                            DIR_INDEX_KEY,
+                            self.fs.index_in_parent(c),
+                        ),
                         body: Body::Dir(vec![self.fs.dir_entry(c)]),
                     }
                 }

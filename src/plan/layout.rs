@@ -10,7 +10,7 @@
 
 use super::data::DataExtent;
 use super::items::VecItems;
-use super::pack::{pack, Shape};
+use super::pack::{pack_anchored, Shape};
 use super::space::{self, Chunk};
 use super::tree_id::TreeId;
 use super::trees::{self, BlockInfo, ExtentItems, ExtentOwners};
@@ -43,10 +43,16 @@ pub struct LayoutInput<'a> {
 /// Chunks an update keeps from its base: tree blocks fill the metadata
 /// chunks first (new ones follow only when they are full), and the chunk
 /// tree stays in the system chunk while it fits with its headroom.
+///
+/// A block whose first key began a base block of the same tree and level
+/// keeps that block's address when it is a free slot of a kept chunk: with
+/// anchored packing, a leaf of unchanged items comes out byte for byte
+/// where it was.
 #[derive(Clone, Copy)]
 pub struct Kept<'a> {
     pub metadata: &'a [Chunk],
     pub system: Option<&'a Chunk>,
+    pub base: &'a super::base::Base,
 }
 
 /// Bytes of tree blocks a chunk holds around its excluded ranges (which
@@ -150,6 +156,7 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
         };
         let need = meta_blocks * n64 + slack;
         let mut metas: Vec<Chunk> = Vec::new();
+        let mut kept_metas = 0;
         let mut have = 0;
         if let Some(k) = input.keep {
             for c in k.metadata {
@@ -159,6 +166,7 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
                 });
                 have += usable(c, n64);
             }
+            kept_metas = metas.len();
         }
         if have < need || metas.is_empty() {
             metas.extend(space::metadata_chunks(
@@ -176,11 +184,15 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             .expect("the chain is never empty");
         let chunk_blocks = shapes[shapes.len() - 1].blocks();
         let sys_need = chunk_blocks as u64 * n64 + space::system_headroom(input.nodesize);
+        let mut system_kept = false;
         let mut system = match input.keep.and_then(|k| k.system) {
-            Some(c) if usable(c, n64) >= sys_need => Chunk {
-                used: 0,
-                ..c.clone()
-            },
+            Some(c) if usable(c, n64) >= sys_need => {
+                system_kept = true;
+                Chunk {
+                    used: 0,
+                    ..c.clone()
+                }
+            }
             _ => space::system_chunk(
                 meta_end,
                 chunk_blocks,
@@ -197,11 +209,27 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             .max()
             .expect("there is a system chunk");
 
-        // Addresses: each tree's leaves first, then each node level, root last.
+        // Pinned blocks first (at their base addresses), then the rest:
+        // each tree's leaves first, then each node level, root last.
+        let pins = input.keep.map_or_else(Vec::new, |k| {
+            let kept_sys: &[Chunk] = match system_kept {
+                true => std::slice::from_ref(&system),
+                false => &[],
+            };
+            pins(
+                &shapes,
+                &tree_ids,
+                k.base,
+                (&metas[..kept_metas], kept_sys),
+                n64,
+            )
+        });
+        let claimed: std::collections::BTreeSet<u64> =
+            pins.iter().flatten().flatten().flatten().copied().collect();
         let mut blocks: Vec<BlockInfo> = Vec::new();
         let mut addrs: Vec<Vec<Vec<u64>>> = Vec::with_capacity(shapes.len());
-        let mut meta_slots = Slots::new(&mut metas, n64);
-        let mut sys_slots = Slots::new(std::slice::from_mut(&mut system), n64);
+        let mut meta_slots = Slots::new(&metas, n64, &claimed);
+        let mut sys_slots = Slots::new(std::slice::from_ref(&system), n64, &claimed);
         for (t, s) in shapes.iter().enumerate() {
             let slots = if tree_ids[t].in_system_chunk() {
                 &mut sys_slots
@@ -211,10 +239,14 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             let mut per_level = Vec::with_capacity(s.levels.len());
             for (level, l) in s.levels.iter().enumerate() {
                 let mut v = Vec::with_capacity(l.len());
-                for _ in 0..l.len() {
-                    let a = slots
-                        .next()
-                        .expect("metadata chunks are sized for every block");
+                for i in 0..l.len() {
+                    let pinned = pins.get(t).and_then(|p| p[level][i]);
+                    let a = match pinned {
+                        Some(a) => a,
+                        None => slots
+                            .next()
+                            .expect("metadata chunks are sized for every block"),
+                    };
                     v.push(a);
                     blocks.push(BlockInfo {
                         logical: a,
@@ -226,8 +258,12 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             }
             addrs.push(per_level);
         }
-        meta_slots.finish();
-        sys_slots.finish();
+        let mut used: Vec<u64> = blocks.iter().map(|b| b.logical).collect();
+        used.sort_unstable();
+        for c in metas.iter_mut().chain(std::iter::once(&mut system)) {
+            let below = |x: u64| used.partition_point(|&a| a < x) as u64;
+            c.used = (below(c.end()) - below(c.logical)) * n64;
+        }
 
         let mut chunks: Vec<Chunk> = input
             .data_chunks
@@ -264,16 +300,24 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
                 ))
             }
         };
+        let anchors = |t: TreeId| {
+            input
+                .keep
+                .map_or_else(Vec::new, |k| k.base.anchors(t.objectid()))
+        };
+        let pack = |items: &dyn super::items::ItemSource, t: TreeId| {
+            pack_anchored(items, input.nodesize, &anchors(t)).map_err(internal(t))
+        };
         let mut new = vec![
-            pack(&extent_items, input.nodesize).map_err(internal(TreeId::Extent))?,
-            pack(&free_space_items, input.nodesize).map_err(internal(TreeId::FreeSpace))?,
+            pack(&extent_items, TreeId::Extent)?,
+            pack(&free_space_items, TreeId::FreeSpace)?,
         ];
         if let Some(items) = &block_group_items {
-            new.push(pack(items, input.nodesize).map_err(internal(TreeId::BlockGroup))?);
+            new.push(pack(items, TreeId::BlockGroup)?);
         }
         new.extend([
-            pack(&dev_items, input.nodesize).map_err(internal(TreeId::Dev))?,
-            pack(&chunk_items, input.nodesize).map_err(internal(TreeId::Chunk))?,
+            pack(&dev_items, TreeId::Dev)?,
+            pack(&chunk_items, TreeId::Chunk)?,
         ]);
         if new != solved {
             solved = new;
@@ -301,19 +345,72 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
     ))
 }
 
-/// Hands out node-sized slots of a run of chunks in order, and records in
-/// each chunk how many bytes of it were handed out (`used`).
+/// For every block of every tree: the base address it keeps, if any. A
+/// block keeps the address of the base block of its tree and level with
+/// the same first key when that address is a node slot of a kept chunk
+/// (of the block's kind: the chunk tree lives in the system chunk) that no
+/// block before it in allocation order claimed.
+fn pins(
+    shapes: &[&Shape],
+    tree_ids: &[TreeId],
+    base: &super::base::Base,
+    (kept_meta, kept_sys): (&[Chunk], &[Chunk]),
+    n64: u64,
+) -> Vec<Vec<Vec<Option<u64>>>> {
+    let mut claimed = std::collections::BTreeSet::new();
+    let slot_ok = |chunks: &[Chunk], a: u64| {
+        chunks.iter().any(|c| {
+            a >= c.logical
+                && a + n64 <= c.end()
+                && (a - c.logical) % n64 == 0
+                && !c
+                    .excluded()
+                    .iter()
+                    .any(|x| a < x.start + x.len && x.start < a + n64)
+        })
+    };
+    shapes
+        .iter()
+        .zip(tree_ids)
+        .map(|(s, id)| {
+            let chunks = match id.in_system_chunk() {
+                true => kept_sys,
+                false => kept_meta,
+            };
+            s.levels
+                .iter()
+                .enumerate()
+                .map(|(level, l)| {
+                    (0..l.len())
+                        .map(|i| {
+                            let key = *s.keys[level].get(i)?;
+                            let a = base.block_at(id.objectid(), level, key)?;
+                            (slot_ok(chunks, a) && claimed.insert(a)).then_some(a)
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Hands out node-sized slots of a run of chunks in order, past the
+/// addresses pinned blocks claimed.
 struct Slots<'a> {
-    chunks: &'a mut [Chunk],
+    chunks: &'a [Chunk],
     cur: usize,
     pos: u64,
     nodesize: u64,
     excluded: Vec<super::data::Excluded>,
-    used: u64,
+    claimed: &'a std::collections::BTreeSet<u64>,
 }
 
 impl<'a> Slots<'a> {
-    fn new(chunks: &'a mut [Chunk], nodesize: u64) -> Slots<'a> {
+    fn new(
+        chunks: &'a [Chunk],
+        nodesize: u64,
+        claimed: &'a std::collections::BTreeSet<u64>,
+    ) -> Slots<'a> {
         let excluded = chunks.first().map(Chunk::excluded).unwrap_or_default();
         let pos = chunks.first().map_or(0, |c| c.logical);
         Slots {
@@ -322,7 +419,7 @@ impl<'a> Slots<'a> {
             pos,
             nodesize,
             excluded,
-            used: 0,
+            claimed,
         }
     }
 
@@ -330,9 +427,7 @@ impl<'a> Slots<'a> {
         loop {
             let c = self.chunks.get(self.cur)?;
             if self.pos + self.nodesize > c.end() {
-                self.chunks[self.cur].used = self.used;
                 self.cur += 1;
-                self.used = 0;
                 let c = self.chunks.get(self.cur)?;
                 self.pos = c.logical;
                 self.excluded = c.excluded();
@@ -341,21 +436,15 @@ impl<'a> Slots<'a> {
             let a = self.pos;
             self.pos += self.nodesize;
             let n = self.nodesize;
-            if self
-                .excluded
-                .iter()
-                .any(|x| a < x.start + x.len && x.start < a + n)
+            if self.claimed.contains(&a)
+                || self
+                    .excluded
+                    .iter()
+                    .any(|x| a < x.start + x.len && x.start < a + n)
             {
                 continue;
             }
-            self.used += n;
             return Some(a);
-        }
-    }
-
-    fn finish(self) {
-        if let Some(c) = self.chunks.get_mut(self.cur) {
-            c.used = self.used;
         }
     }
 }

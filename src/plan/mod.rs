@@ -15,6 +15,7 @@ pub mod inode_flags;
 pub mod items;
 pub mod layout;
 pub mod limits;
+pub mod numbering;
 pub mod pack;
 pub mod record;
 pub mod space;
@@ -33,7 +34,7 @@ use crate::source::SourceTree;
 use data::{DataAllocator, DataExtent};
 use fs::{FsItems, InodePolicy};
 use items::ItemSource;
-use pack::{pack, Shape};
+use pack::Shape;
 use space::{Chunk, Region};
 use std::sync::Arc;
 pub use tree_id::TreeId;
@@ -163,6 +164,8 @@ pub struct Plan {
     pub data_sectors: u64,
     /// `--inode-flags`, resolved: which inodes are NODATACOW or NODATASUM.
     pub inode_flags: Arc<inode_flags::InodeFlags>,
+    /// The subvolumes, and every entry's inode number and directory index.
+    pub partition: Arc<subvol::Partition>,
 }
 
 impl Plan {
@@ -273,7 +276,9 @@ impl Ids {
 
 impl Ids {
     fn derive(tree: &SourceTree, content: Option<&ContentIndex>, opts: &Options) -> Ids {
-        let fsid = opts.fsid.unwrap_or_else(|| {
+        // An update keeps its base's UUID unless told otherwise.
+        let base = opts.base.as_deref().map(|b| b.fsid);
+        let fsid = opts.fsid.or(base).unwrap_or_else(|| {
             let u = uuid::content_uuid(tree, opts);
             match content {
                 // File bytes were read: the UUID covers them too.
@@ -423,8 +428,8 @@ fn subvol_roots(tree: &SourceTree, part: &subvol::Partition, ids: &Ids) -> Vec<t
             trees::SubvolRoot {
                 id: sv.id,
                 parent: part.subvols[sv.parent].id,
-                dirid: FIRST_FREE_OBJECTID + part.node_ino[dir as usize] as u64,
-                sequence: 2 + (sv.root - tree.node(dir).first_child()) as u64,
+                dirid: part.ino_of(dir),
+                sequence: part.dir_index(tree, sv.root),
                 name: tree.name(sv.root).into(),
                 uuid: ids.tree_uuid(sv.id),
                 readonly: sv.readonly,
@@ -438,13 +443,26 @@ fn subvol_roots(tree: &SourceTree, part: &subvol::Partition, ids: &Ids) -> Vec<t
 fn pack_input(
     items: &dyn ItemSource,
     nodesize: u32,
+    anchors: &[Vec<Key>],
     explain: impl FnOnce(&pack::Oversized) -> Error,
 ) -> Result<Shape> {
-    pack(items, nodesize).map_err(|o| explain(&o))
+    pack::pack_anchored(items, nodesize, anchors).map_err(|o| explain(&o))
 }
 
-fn pack_internal(id: TreeId, items: &dyn ItemSource, nodesize: u32) -> Result<Shape> {
-    pack(items, nodesize).map_err(|o| {
+/// Where a base layout's blocks of tree `id` began (none without a base).
+fn anchors(opts: &Options, id: TreeId) -> Vec<Vec<Key>> {
+    opts.base
+        .as_deref()
+        .map_or_else(Vec::new, |b| b.anchors(id.objectid()))
+}
+
+fn pack_internal(
+    id: TreeId,
+    items: &dyn ItemSource,
+    nodesize: u32,
+    anchors: &[Vec<Key>],
+) -> Result<Shape> {
+    pack::pack_anchored(items, nodesize, anchors).map_err(|o| {
         Error::msg(format!(
             "internal error: {} tree item {:?} of {} bytes does not fit a node",
             id.name(),
@@ -494,7 +512,11 @@ pub fn build_with(
     let content = content.map(Arc::new);
 
     // Subvolumes, inodes, then data placement tree by tree in inode order.
-    let (part, warnings) = subvol::resolve(&tree, &opts.subvolumes)?;
+    let (part, warnings) = subvol::resolve(
+        &tree,
+        &opts.subvolumes,
+        opts.base.as_deref().map(|b| &b.numbers),
+    )?;
     for w in &warnings {
         log::warn!("{w}");
     }
@@ -557,7 +579,9 @@ pub fn build_with(
     for t in &fs_trees {
         fs_shapes.push((
             TreeId::Fs(t.objectid()),
-            pack_input(t, nodesize, |o| t.oversized(o, nodesize))?,
+            pack_input(t, nodesize, &anchors(opts, TreeId::Fs(t.objectid())), |o| {
+                t.oversized(o, nodesize)
+            })?,
         ));
     }
     let csum = trees::csum_tree(
@@ -567,7 +591,7 @@ pub fn build_with(
         opts.csum,
         &|n| flags.nodatasum(&tree, n),
     );
-    let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize)?;
+    let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize, &anchors(opts, TreeId::Csum))?;
     let uuid_items = trees::uuid_tree(
         &part
             .subvols
@@ -592,17 +616,22 @@ pub fn build_with(
     };
     let placeholder: Vec<(TreeId, trees::RootInfo)> =
         rooted.iter().map(|&t| (t, Default::default())).collect();
-    let root_shape = pack_internal(TreeId::Root, &root_items(&placeholder), nodesize)?;
+    let root_shape = pack_internal(
+        TreeId::Root,
+        &root_items(&placeholder),
+        nodesize,
+        &anchors(opts, TreeId::Root),
+    )?;
     let mut fixed = fs_shapes;
     fixed.extend([
         (TreeId::Csum, csum_shape),
         (
             TreeId::Uuid,
-            pack_internal(TreeId::Uuid, &uuid_items, nodesize)?,
+            pack_internal(TreeId::Uuid, &uuid_items, nodesize, &[])?,
         ),
         (
             TreeId::DataReloc,
-            pack_internal(TreeId::DataReloc, &reloc_items, nodesize)?,
+            pack_internal(TreeId::DataReloc, &reloc_items, nodesize, &[])?,
         ),
         (TreeId::Root, root_shape),
     ]);
@@ -616,6 +645,7 @@ pub fn build_with(
         keep: opts.base.as_deref().map(|b| layout::Kept {
             metadata: &b.metadata_chunks,
             system: b.system_chunk.as_ref(),
+            base: b,
         }),
         data_chunks: &data.chunks,
         extents: &data.extents,
@@ -664,6 +694,7 @@ pub fn build_with(
         reloc_items,
         rooted,
         flags,
+        partition: part,
     })
 }
 
@@ -706,6 +737,7 @@ struct Assembly<'a> {
     reloc_items: items::VecItems,
     rooted: Vec<TreeId>,
     flags: Arc<inode_flags::InodeFlags>,
+    partition: Arc<subvol::Partition>,
 }
 
 /// Builds the trees that point at final addresses (chunk, root), the
@@ -757,7 +789,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
         (TreeId::Chunk, &chunk_items as &dyn ItemSource),
         (TreeId::Root, &root_items),
     ] {
-        if pack_internal(id, items, nodesize)? != lay.trees[position(id)].1 {
+        if pack_internal(id, items, nodesize, &anchors(a.opts, id))? != lay.trees[position(id)].1 {
             return Err(Error::msg(format!(
                 "internal error: the {} tree changed shape after layout",
                 id.name()
@@ -889,5 +921,6 @@ fn assemble(a: Assembly) -> Result<Plan> {
         data_start: space::DATA_START,
         data_sectors: (a.data.end - space::DATA_START) / SECTOR_SIZE,
         inode_flags: a.flags,
+        partition: a.partition,
     })
 }

@@ -1,6 +1,12 @@
 //! Packs a tree's items into leaves and nodes. Greedy packing in key order (full
 //! leaves and nodes) is valid for the kernel and minimises the image.
 //!
+//! An update packs against its base's blocks: a block also ends where a
+//! base block of the same level began (before the first item or child at
+//! or past that block's first key), so a change moves block bounds only up
+//! to the next such anchor and the blocks between unchanged anchors hold
+//! what they held.
+//!
 //! This is also the one place where every item of every tree meets the leaf it
 //! must fit in: an item larger than a leaf's largest item (the kernel's
 //! BTRFS_MAX_ITEM_SIZE) is refused here, as `Oversized`, and the planner turns
@@ -16,6 +22,9 @@ use crate::format::{leaf_data_size, max_item_size, node_ptrs_per_block, Key, ITE
 pub struct Shape {
     pub levels: Vec<Vec<u64>>,
     pub items: u64,
+    /// `keys[l][i]`: the first key below block `i` of level `l` (empty for
+    /// a tree without items).
+    pub keys: Vec<Vec<Key>>,
 }
 
 impl Shape {
@@ -24,6 +33,7 @@ impl Shape {
         Shape {
             levels: vec![vec![0]],
             items: 0,
+            keys: vec![Vec::new()],
         }
     }
 
@@ -72,11 +82,35 @@ pub struct Oversized {
 }
 
 pub fn pack(items: &dyn ItemSource, nodesize: u32) -> Result<Shape, Oversized> {
+    pack_anchored(items, nodesize, &[])
+}
+
+/// Whether `key` reaches the next anchor of `sorted` (at or past it),
+/// walking `at` past every anchor it reaches (keys come in order).
+fn anchored(sorted: &[Key], at: &mut usize, key: Key) -> bool {
+    let before = *at;
+    while *at < sorted.len() && sorted[*at] <= key {
+        *at += 1;
+    }
+    *at > before
+}
+
+/// Packs greedily, but also starts a block at the first item (or child) at
+/// or past each key of `anchors[level]` (sorted).
+pub fn pack_anchored(
+    items: &dyn ItemSource,
+    nodesize: u32,
+    anchors: &[Vec<Key>],
+) -> Result<Shape, Oversized> {
     let cap = leaf_data_size(nodesize);
     let max = max_item_size(nodesize);
+    let none = Vec::new();
+    let at_level = |l: usize| anchors.get(l).unwrap_or(&none);
     let mut leaves = vec![0u64];
+    let mut leaf_keys = Vec::new();
     let mut used = 0usize;
     let mut n = 0u64;
+    let mut at = 0usize;
     for item in items.iter_from(0) {
         let size = item.body.size();
         if size > max {
@@ -88,20 +122,44 @@ pub fn pack(items: &dyn ItemSource, nodesize: u32) -> Result<Shape, Oversized> {
             });
         }
         let need = ITEM_HEADER_SIZE + size;
-        if used + need > cap && used > 0 {
+        let anchor = anchored(at_level(0), &mut at, item.key);
+        if (used + need > cap || anchor) && used > 0 {
             leaves.push(n);
             used = 0;
+        }
+        if used == 0 {
+            leaf_keys.push(item.key);
         }
         used += need;
         n += 1;
     }
     let mut levels = vec![leaves];
+    let mut keys = vec![leaf_keys];
     let per_node = node_ptrs_per_block(nodesize);
     while levels.last().map_or(1, Vec::len) > 1 {
-        let below = levels.last().map_or(0, |l| l.len() as u64);
-        levels.push((0..below).step_by(per_node).collect());
+        let below = keys.last().expect("a key per block below");
+        let anchors = at_level(levels.len());
+        let (mut starts, mut firsts) = (Vec::new(), Vec::new());
+        let (mut count, mut at) = (0usize, 0usize);
+        for (j, &k) in below.iter().enumerate() {
+            let anchor = anchored(anchors, &mut at, k);
+            if count == per_node || (anchor && count > 0) {
+                count = 0;
+            }
+            if count == 0 {
+                starts.push(j as u64);
+                firsts.push(k);
+            }
+            count += 1;
+        }
+        levels.push(starts);
+        keys.push(firsts);
     }
-    Ok(Shape { levels, items: n })
+    Ok(Shape {
+        levels,
+        items: n,
+        keys,
+    })
 }
 
 #[cfg(test)]
@@ -141,6 +199,68 @@ mod tests {
             assert_eq!(e.size, too_big);
             assert_eq!(e.max, max_item_size(nodesize));
         }
+    }
+
+    #[test]
+    fn anchors_start_blocks_and_keep_the_blocks_between_them() {
+        let greedy = pack(&items(&vec![1000; 40]), 4096).unwrap();
+        // Item 1 removed: greedy packing shifts every later bound;
+        // anchored at the old bounds, only the first leaf changes.
+        let mut sizes = vec![1000; 40];
+        let keys: Vec<Key> = (0..40).map(|i| Key::new(i, 1, 0)).collect();
+        sizes.remove(1);
+        let mut v = items(&sizes);
+        for (i, it) in v.0.iter_mut().enumerate() {
+            it.key = keys[if i == 0 { 0 } else { i + 1 }];
+        }
+        let anchors: Vec<Key> = greedy.levels[0].iter().map(|&i| keys[i as usize]).collect();
+        let s = pack_anchored(&v, 4096, std::slice::from_ref(&anchors)).unwrap();
+        assert_eq!(
+            s.keys[0], anchors,
+            "every old leaf start is a leaf start again"
+        );
+        // The first item of a leaf removed: the next one starts it.
+        let gone = greedy.levels[0][2] as usize;
+        let mut w = items(&vec![1000; 39]);
+        let kept: Vec<Key> = keys
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != gone)
+            .map(|(_, k)| *k)
+            .collect();
+        for (it, k) in w.0.iter_mut().zip(&kept) {
+            it.key = *k;
+        }
+        let t = pack_anchored(&w, 4096, std::slice::from_ref(&anchors)).unwrap();
+        assert_eq!(t.keys[0].len(), anchors.len());
+        assert_eq!(t.keys[0][2], keys[gone + 1]);
+        assert_eq!(
+            t.levels[0][3],
+            greedy.levels[0][3] - 1,
+            "the leaf after it is as it was"
+        );
+        let (g, a) = (&greedy.levels[0], &s.levels[0]);
+        assert_eq!(a.len(), g.len());
+        for i in 1..a.len() {
+            assert_eq!(a[i] + 1, g[i], "leaf {i} holds the same items");
+        }
+        // Items inserted: a leaf splits, the next anchor restores the bounds.
+        let mut v = items(&vec![1000; 45]);
+        let mut ks: Vec<Key> = keys.clone();
+        ks.extend((0..5).map(|i| Key::new(5, 1, 1 + i)));
+        ks.sort();
+        for (it, k) in v.0.iter_mut().zip(&ks) {
+            it.key = *k;
+        }
+        let s = pack_anchored(&v, 4096, std::slice::from_ref(&anchors)).unwrap();
+        for k in &anchors {
+            assert!(s.keys[0].contains(k), "{k:?} still starts a leaf");
+        }
+        assert!(s.levels[0].len() <= g.len() + 2);
+        // Unknown anchors change nothing.
+        let none =
+            pack_anchored(&items(&vec![1000; 40]), 4096, &[vec![Key::new(99, 9, 9)]]).unwrap();
+        assert_eq!(none, greedy);
     }
 
     #[test]

@@ -16,7 +16,18 @@
 //!   `/nix/store/NAME` it belongs to, if any), `"stored"` ("extents",
 //!   "inline", "shared", "empty"), `"shares"` (the path whose extents a
 //!   deduplicated file shares), and `"extents": [[file_offset, logical,
-//!   disk_bytes, file_bytes, "zstd"|"zlib"|"lzo"|null], ...]`}`.
+//!   disk_bytes, file_bytes, "zstd"|"zlib"|"lzo"|null], ...]`}`;
+//! - (version 2) then one line per entry, in tree order: `{"entry": [tree,
+//!   ino, index], "path"}` (or `"path_bytes"`): the fs tree holding its
+//!   inode, its inode number there and its index in its parent directory
+//!   (0 for a tree's root);
+//! - (version 2) then one line per tree block: `{"block": [tree, level,
+//!   objectid, type, offset, logical]}`: the tree's object id, the block's
+//!   level, the key of its first item and its logical address.
+//!
+//! Entry numbers keep unchanged files' fs-tree items as they were, and
+//! block lines let those leaves keep their bounds and addresses. Version 1
+//! records (files only) are still read.
 //!
 //! A file's identity is its path with size, mtime and mode (for Nix store
 //! content the store path, whose name carries its hash). Logical addresses
@@ -33,7 +44,10 @@ use std::io::{self, BufRead, Write};
 use std::os::unix::ffi::OsStrExt;
 
 pub const FORMAT: &str = "btrfsimg-layout";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+
+/// The oldest version `read` takes.
+pub const OLDEST_VERSION: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
@@ -90,11 +104,40 @@ impl FileRecord {
     }
 }
 
+/// One entry's numbers: `(tree, ino, index)` and its image path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryRecord {
+    pub entry: (u64, u64, u64),
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub path_bytes: Option<Vec<u8>>,
+}
+
+impl EntryRecord {
+    pub fn path(&self) -> Vec<u8> {
+        match (&self.path, &self.path_bytes) {
+            (Some(p), _) => p.as_bytes().to_vec(),
+            (None, Some(b)) => b.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
+/// One tree block: `(tree, level, key objectid, key type, key offset,
+/// logical)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    pub block: (u64, u8, u64, u8, u64, u64),
+}
+
 /// A whole record, read back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     pub header: Header,
     pub files: Vec<FileRecord>,
+    pub entries: Vec<EntryRecord>,
+    pub blocks: Vec<BlockRecord>,
 }
 
 fn path_fields(p: &[u8]) -> (Option<String>, Option<Vec<u8>>) {
@@ -213,6 +256,48 @@ pub fn write(plan: &Plan, out: &mut dyn Write) -> io::Result<()> {
         };
         line(out, &rec)?;
     }
+    let part = &plan.partition;
+    for n in 0..tree.len() as u32 {
+        let path = tree.image_path(n);
+        let (path, path_bytes) = path_fields(path.as_os_str().as_bytes());
+        let index = match n {
+            0 => 0,
+            _ => part.dir_index(tree, n),
+        };
+        let rec = EntryRecord {
+            entry: (part.id_of(n), part.ino_of(n), index),
+            path,
+            path_bytes,
+        };
+        line(out, &rec)?;
+    }
+    for t in &plan.trees {
+        if t.items.count() == 0 {
+            continue;
+        }
+        for (level, addrs) in t.addrs.iter().enumerate() {
+            for (i, &logical) in addrs.iter().enumerate() {
+                let first = t.shape.first_item(level, i);
+                let key = t
+                    .items
+                    .iter_from(first)
+                    .next()
+                    .expect("every block of a tree with items has a first item")
+                    .key;
+                let rec = BlockRecord {
+                    block: (
+                        t.id.objectid(),
+                        level as u8,
+                        key.objectid,
+                        key.ty,
+                        key.offset,
+                        logical,
+                    ),
+                };
+                line(out, &rec)?;
+            }
+        }
+    }
     out.flush()
 }
 
@@ -268,22 +353,49 @@ pub fn read(r: impl BufRead) -> Result<Record> {
             format!("format '{}', not '{FORMAT}'", header.format),
         ));
     }
-    if header.version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&header.version) {
         return Err(bad(
             n,
             format!(
-                "version {} (this btrfsimg reads version {VERSION})",
+                "version {} (this btrfsimg reads versions {OLDEST_VERSION} to {VERSION})",
                 header.version
             ),
         ));
     }
     let mut files = Vec::new();
+    let mut entries = Vec::new();
+    let mut blocks = Vec::new();
     for (n, l) in lines {
         let l = l.map_err(|e| bad(n, e.to_string()))?;
-        files
-            .push(serde_json::from_str(&l).map_err(|e| bad(n, format!("not a file record: {e}")))?);
+        // The writer's own spelling tells the kinds of line apart; each
+        // kind comes after the one before.
+        let v2 = header.version >= 2;
+        if v2 && l.starts_with("{\"block\":") {
+            blocks.push(
+                serde_json::from_str(&l).map_err(|e| bad(n, format!("not a block line: {e}")))?,
+            );
+        } else if v2 && l.starts_with("{\"entry\":") {
+            if !blocks.is_empty() {
+                return Err(bad(n, "an entry line after the block lines".into()));
+            }
+            entries.push(
+                serde_json::from_str(&l).map_err(|e| bad(n, format!("not an entry line: {e}")))?,
+            );
+        } else {
+            if !entries.is_empty() || !blocks.is_empty() {
+                return Err(bad(n, "a file line after the entry or block lines".into()));
+            }
+            files.push(
+                serde_json::from_str(&l).map_err(|e| bad(n, format!("not a file record: {e}")))?,
+            );
+        }
     }
-    Ok(Record { header, files })
+    Ok(Record {
+        header,
+        files,
+        entries,
+        blocks,
+    })
 }
 
 /// One JSON line.

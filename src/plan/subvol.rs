@@ -9,6 +9,7 @@
 //! inode, and the later ones share the first one's data extents, as reflinked
 //! copies do (no data is stored twice; mkfs.btrfs stores two copies).
 
+use super::numbering::{self, BaseNumbers, Numbering};
 use crate::error::{Error, Result};
 use crate::format::FS_TREE;
 use crate::source::{Kind, SourceTree, NAME_MAX};
@@ -16,7 +17,6 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// The first subvolume id (BTRFS_FIRST_FREE_OBJECTID).
 pub const FIRST_SUBVOL: u64 = 256;
@@ -177,8 +177,8 @@ pub struct Partition {
     pub subvols: Vec<Subvol>,
     /// Subvolume index of every node (empty: all in the top level).
     subvol_of: Vec<u16>,
-    /// Inode index (inode number − 256) of every node in its own tree.
-    pub node_ino: Arc<Vec<u32>>,
+    /// Inode numbers and directory indexes.
+    pub numbering: Numbering,
     /// Nodes that start an inode of their own for a hard link whose first
     /// node is in another subvolume: node → that first node.
     pub cross_links: BTreeMap<u32, u32>,
@@ -191,6 +191,22 @@ impl Partition {
 
     pub fn id_of(&self, node: u32) -> u64 {
         self.subvols[self.subvol(node)].id
+    }
+
+    /// Inode index of `node` in its own tree.
+    pub fn idx(&self, node: u32) -> u32 {
+        self.numbering.node_ino[node as usize]
+    }
+
+    /// Inode number of `node` in its own tree.
+    pub fn ino_of(&self, node: u32) -> u64 {
+        self.numbering.ino(self.subvol(node), self.idx(node))
+    }
+
+    /// Index of entry `c` in its parent directory.
+    pub fn dir_index(&self, tree: &SourceTree, c: u32) -> u64 {
+        let p = tree.node(c).parent;
+        self.numbering.dir_index(c, c - tree.node(p).first_child())
     }
 
     /// Every node's subvolume index (empty when there is only the top level).
@@ -253,7 +269,11 @@ pub fn roots(tree: &SourceTree, specs: &[SubvolSpec]) -> Result<Vec<u32>> {
 /// Finds every subvolume of `specs` in `tree` (the top-level view), gives ids
 /// and numbers each tree's inodes. Also returns warnings (hard links split
 /// between subvolumes).
-pub fn resolve(tree: &SourceTree, specs: &[SubvolSpec]) -> Result<(Partition, Vec<String>)> {
+pub fn resolve(
+    tree: &SourceTree,
+    specs: &[SubvolSpec],
+    base: Option<&BaseNumbers>,
+) -> Result<(Partition, Vec<String>)> {
     validate_specs(specs)?;
     let mut roots: Vec<(u32, &SubvolSpec)> = specs
         .iter()
@@ -303,36 +323,34 @@ pub fn resolve(tree: &SourceTree, specs: &[SubvolSpec]) -> Result<(Partition, Ve
     }
     let sv = |i: u32| subvol_of.get(i as usize).map_or(0, |&s| s as usize);
 
-    // Inode numbers: per tree, in source order; a hard link's later names
-    // share its inode, unless they are in another subvolume.
-    let mut counters = vec![0u32; subvols.len()];
-    let mut node_ino = vec![0u32; n];
+    // Inodes: a hard link's later names share its first name's inode,
+    // unless they are in another subvolume.
+    let mut first = vec![0u32; n];
     let mut cross_links = BTreeMap::new();
     let mut first_in: BTreeMap<(usize, u32), u32> = BTreeMap::new();
     let mut split: Vec<(u32, u32)> = Vec::new();
     for i in 0..n as u32 {
         let s = sv(i);
         let rep = tree.link_rep(i);
-        let ino = if rep == i {
-            None
+        first[i as usize] = if rep == i {
+            i
         } else if sv(rep) == s {
-            Some(node_ino[rep as usize])
+            first[rep as usize]
         } else {
             match first_in.get(&(s, rep)) {
-                Some(&first) => Some(node_ino[first as usize]),
+                Some(&f) => f,
                 None => {
                     first_in.insert((s, rep), i);
                     cross_links.insert(i, rep);
                     split.push((rep, i));
-                    None
+                    i
                 }
             }
         };
-        node_ino[i as usize] = ino.unwrap_or_else(|| {
-            counters[s] += 1;
-            counters[s] - 1
-        });
     }
+    let ids: Vec<u64> = subvols.iter().map(|s| s.id).collect();
+    let roots: Vec<u32> = subvols.iter().map(|s| s.root).collect();
+    let numbering = numbering::number(tree, &ids, &sv, &first, &roots, base);
     let mut warnings = Vec::new();
     for &(rep, copy) in split.iter().take(5) {
         warnings.push(format!(
@@ -352,7 +370,7 @@ pub fn resolve(tree: &SourceTree, specs: &[SubvolSpec]) -> Result<(Partition, Ve
         Partition {
             subvols,
             subvol_of,
-            node_ino: Arc::new(node_ino),
+            numbering,
             cross_links,
         },
         warnings,

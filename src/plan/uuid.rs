@@ -23,6 +23,21 @@ pub fn derive_uuid(parts: &[&[u8]]) -> [u8; 16] {
     u
 }
 
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, read back.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let groups: Vec<usize> = s.split('-').map(|g| g.len()).collect();
+    let hex: Vec<u8> = s.bytes().filter(|&c| c != b'-').collect();
+    if groups != [8, 4, 4, 4, 12] || !hex.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let mut u = [0u8; 16];
+    for (i, b) in u.iter_mut().enumerate() {
+        let pair = std::str::from_utf8(&hex[2 * i..2 * i + 2]).ok()?;
+        *b = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(u)
+}
+
 /// A filesystem UUID that depends only on the tree and the options.
 pub fn content_uuid(tree: &SourceTree, opts: &Options) -> [u8; 16] {
     let mut h = Sha256::new();

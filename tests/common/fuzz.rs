@@ -669,7 +669,7 @@ fn apply(root: &mut Entry, a: &Adversity, salt: u64) {
 pub fn predicted_errors(spec: &Spec) -> Vec<&'static str> {
     let mut out = Vec::new();
     let max = max_item_size(spec.opts.nodesize);
-    // BFS like the planner: node order, inode numbers (first links only).
+    // BFS like the planner's node order.
     struct N<'a> {
         e: &'a Entry,
         parent: usize,
@@ -693,20 +693,32 @@ pub fn predicted_errors(spec: &Spec) -> Vec<&'static str> {
         }
         i += 1;
     }
+    // A hard link's inode is its first name's in node order; inode
+    // numbers go depth first (a directory, then each child's subtree).
     let mut first_of_link: BTreeMap<u64, usize> = BTreeMap::new();
-    let mut ino = vec![0u64; nodes.len()];
-    let mut next = 256u64;
+    let mut rep = vec![0usize; nodes.len()];
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     for (i, n) in nodes.iter().enumerate() {
-        let rep = match (n.e.link, &n.e.content) {
+        rep[i] = match (n.e.link, &n.e.content) {
             (Some(id), c) if !matches!(c, Content::Dir(_)) => *first_of_link.entry(id).or_insert(i),
             _ => i,
         };
-        if rep == i {
+        if i > 0 {
+            children[n.parent].push(i);
+        }
+    }
+    let mut ino = vec![0u64; nodes.len()];
+    let mut next = 256u64;
+    let mut stack = vec![0usize];
+    while let Some(i) = stack.pop() {
+        if rep[i] == i {
             ino[i] = next;
             next += 1;
-        } else {
-            ino[i] = ino[rep];
         }
+        stack.extend(children[i].iter().rev());
+    }
+    for i in 0..nodes.len() {
+        ino[i] = ino[rep[i]];
     }
     for (i, n) in nodes.iter().enumerate() {
         let rep_entry = match n.e.link {
