@@ -83,6 +83,7 @@ fn record(p: &Path) -> BTreeMap<String, (u64, serde_json::Value, u64, Extents)> 
     let text = fs::read_to_string(p).expect("record");
     text.lines()
         .skip(1)
+        .filter(|l| !l.starts_with("{\"entry\":") && !l.starts_with("{\"block\":"))
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("JSON");
             let path = v["path"].as_str().unwrap_or("").to_string();
@@ -107,6 +108,64 @@ fn new_data_blocks(r1: &Path, r2: &Path) -> u64 {
         .filter(|(p, f)| a.get(*p) != Some(f))
         .map(|(_, f)| f.3.iter().map(|e| e.2 / BLOCK).sum::<u64>())
         .sum()
+}
+
+/// The name of a tree by object id.
+fn tree_name(id: u64) -> String {
+    match id {
+        1 => "root".into(),
+        2 => "extent".into(),
+        3 => "chunk".into(),
+        4 => "dev".into(),
+        7 => "csum".into(),
+        9 => "uuid".into(),
+        10 => "free space".into(),
+        11 => "block group".into(),
+        5 => "fs".into(),
+        id if id > u64::MAX - 256 => "data reloc".into(),
+        id => format!("subvol {id}"),
+    }
+}
+
+/// Per tree (by name): (its 4 KiB blocks in every copy, how many of them
+/// are in `diff`), from the block lines and chunks of the record `layout`.
+fn by_tree(layout: &Path, diff: &[u64]) -> BTreeMap<String, (u64, u64)> {
+    let text = fs::read_to_string(layout).expect("record");
+    let mut lines = text.lines();
+    let header: serde_json::Value = serde_json::from_str(lines.next().expect("a header")).unwrap();
+    let nodesize = header["nodesize"].as_u64().unwrap();
+    let chunks: Vec<(u64, u64, Vec<u64>)> = header["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["logical"].as_u64().unwrap(),
+                c["length"].as_u64().unwrap(),
+                serde_json::from_value(c["stripes"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    let diff: std::collections::BTreeSet<u64> = diff.iter().copied().collect();
+    let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for l in lines.filter(|l| l.starts_with("{\"block\":")) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let b = v["block"].as_array().unwrap();
+        let (tree, logical) = (b[0].as_u64().unwrap(), b[5].as_u64().unwrap());
+        let (cl, _, stripes) = chunks
+            .iter()
+            .find(|(cl, len, _)| *cl <= logical && logical < cl + len)
+            .expect("a block in a chunk");
+        let e = out.entry(tree_name(tree)).or_default();
+        for st in stripes {
+            let first = (st + logical - cl) / BLOCK;
+            for blk in first..first + nodesize / BLOCK {
+                e.0 += 1;
+                e.1 += diff.contains(&blk) as u64;
+            }
+        }
+    }
+    out
 }
 
 /// Indexes of the 4 KiB blocks in which two images differ (the shorter
@@ -192,6 +251,8 @@ struct Figures {
     base_bmap: u64,
     fresh_size: u64,
     base_size: u64,
+    /// Per tree: (4 KiB blocks of every copy, how many differ).
+    by_tree: BTreeMap<String, (u64, u64)>,
 }
 
 fn one_update(work: &Path, v1: &Path, v2: &Path, sc: &Scenario) -> Figures {
@@ -251,6 +312,7 @@ fn one_update(work: &Path, v1: &Path, v2: &Path, sc: &Scenario) -> Figures {
         base_bmap: mapped_differ(&based_bmap, &base_diff),
         fresh_size: size(&fresh),
         base_size: size(&based),
+        by_tree: by_tree(&l2, &base_diff),
     };
     fs::remove_dir_all(&d).unwrap();
     f
@@ -293,8 +355,10 @@ fn main() {
     println!("| one update, v1 → v2 | image blocks | differ: fresh | differ: base | budget: new data + tree blocks | base / budget | base / fresh | zstd --patch-from -19: fresh | base | bmap blocks to write: fresh | base | size base / fresh |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut met = true;
+    let mut trees = Vec::new();
     for sc in &scenarios {
         let f = one_update(&work, &v1, &v2, sc);
+        trees.push((sc.name, f.by_tree.clone()));
         let over_budget = f.base_changed as f64 / f.budget as f64;
         let vs_fresh = f.base_changed as f64 / f.fresh_changed as f64;
         let grew = f.base_size as f64 / f.fresh_size as f64;
@@ -315,6 +379,19 @@ fn main() {
             f.base_bmap,
             grew
         );
+    }
+
+    // Where the tree blocks that differ are.
+    println!(
+        "\n| tree blocks (4 KiB, every copy) that differ with the base | by tree: differ / all |"
+    );
+    println!("|---|---|");
+    for (name, t) in &trees {
+        let cells: Vec<String> = t
+            .iter()
+            .map(|(tree, (all, differ))| format!("{tree} {differ}/{all}"))
+            .collect();
+        println!("| {name} | {} |", cells.join(", "));
     }
 
     // Successive updates, each from the last one's layout.

@@ -50,8 +50,8 @@ fn tree(src: &Path, skip: &[u64], extra: &[(u64, u64)], conf: &[u8], text: bool)
         }
     }
     if text && !extra.is_empty() {
-        // The same bytes as p3's data, after it in inode order (deeper:
-        // inodes are numbered breadth first): with --dedupe the content
+        // The same bytes as p3's data, after it in placement order
+        // (deeper: source nodes are breadth first): with --dedupe the content
         // pass writes them (into freed space), finds the copy and takes it
         // back.
         t.random_file(b"var/lib/a/b/c/copy", 1 << 20, 3);
@@ -375,6 +375,74 @@ fn edited(
     fs::write(to, out).unwrap();
 }
 
+/// The first line of kind `kind` ("entry" or "block").
+fn line_of(lines: &[serde_json::Value], kind: &str) -> usize {
+    lines
+        .iter()
+        .position(|l| l.get(kind).is_some())
+        .expect("a line of that kind")
+}
+
+/// An update keeps its base's filesystem UUID unless `--uuid` says
+/// otherwise, and a version-1 record (files only, no entry or block lines)
+/// is still a base: unchanged files keep their extents.
+#[test]
+fn an_update_keeps_the_uuid_and_reads_version_1_records() {
+    let work = workdir("base-layout-uuid");
+    let src = work.path().join("src");
+    tree(&src, &[], &[], b"one", false);
+    let v1 = work.path().join("v1.layout");
+    let img = work.path().join("v1.img");
+    export_sources(Some(&src), &img, &["--write-layout", s(&v1)]);
+    let r1 = read_record(&v1);
+    assert_eq!(r1.header.version, 2);
+    assert!(!r1.entries.is_empty() && !r1.blocks.is_empty());
+    let src2 = work.path().join("src2");
+    tree(&src2, &[5], &[(1, 70_000)], b"two", false);
+    let uuid_of = |args: &[&str]| -> String {
+        let out = run_ok(
+            Command::new(btrfsimg_bin())
+                .arg("plan")
+                .arg(&src2)
+                .args(args),
+        );
+        out.lines()
+            .find_map(|l| l.strip_prefix("uuid: "))
+            .expect("a uuid line")
+            .to_string()
+    };
+    assert_eq!(uuid_of(&["--base-layout", s(&v1)]), r1.header.fsid);
+    assert_ne!(uuid_of(&[]), r1.header.fsid, "a fresh plan derives its own");
+    assert_eq!(
+        uuid_of(&["--base-layout", s(&v1), "--uuid", UUID]),
+        UUID,
+        "--uuid wins"
+    );
+
+    // The same record as version 1.
+    let old = work.path().join("old.layout");
+    edited(&v1, &old, |h, f| {
+        h["version"] = 1.into();
+        f.retain(|l| l.get("entry").is_none() && l.get("block").is_none());
+    });
+    let (out_new, out_old) = (work.path().join("new.img"), work.path().join("old.img"));
+    let l_new = work.path().join("new.layout");
+    let l_old = work.path().join("old-out.layout");
+    export_sources(
+        Some(&src2),
+        &out_new,
+        &["--base-layout", s(&v1), "--write-layout", s(&l_new)],
+    );
+    export_sources(
+        Some(&src2),
+        &out_old,
+        &["--base-layout", s(&old), "--write-layout", s(&l_old)],
+    );
+    let (a, b) = (read_record(&l_new), read_record(&l_old));
+    assert_eq!(a.files, b.files, "the same data placement from either version");
+    assert_eq!(a.header.fsid, b.header.fsid);
+}
+
 #[test]
 fn a_base_that_does_not_fit_is_refused_or_with_optional_ignored() {
     let work = workdir("base-layout-bad");
@@ -414,9 +482,9 @@ fn a_base_that_does_not_fit_is_refused_or_with_optional_ignored() {
     type Edit = Box<dyn FnOnce(&mut serde_json::Value, &mut Vec<serde_json::Value>)>;
     let cases: Vec<(&str, Edit, &[&str])> = vec![
         (
-            "version 2",
-            Box::new(|h, _| h["version"] = 2.into()),
-            &["line 1", "version 2"],
+            "version 3",
+            Box::new(|h, _| h["version"] = 3.into()),
+            &["line 1", "version 3"],
         ),
         (
             "another format",
@@ -499,9 +567,51 @@ fn a_base_that_does_not_fit_is_refused_or_with_optional_ignored() {
             "a path twice",
             Box::new(|_, f| {
                 let x = f[0].clone();
-                f.push(x);
+                f.insert(1, x);
             }),
             &["recorded twice"],
+        ),
+        (
+            "an inode number out of range",
+            Box::new(|_, f| {
+                let i = line_of(f, "entry");
+                f[i + 3]["entry"][1] = (1u64 << 60).into();
+            }),
+            &["inode number", "out of range"],
+        ),
+        (
+            "an entry twice",
+            Box::new(|_, f| {
+                let i = line_of(f, "entry");
+                let x = f[i + 2].clone();
+                f.insert(i + 2, x);
+            }),
+            &["recorded twice"],
+        ),
+        (
+            "a tree block outside the metadata chunks",
+            Box::new(|_, f| {
+                let i = line_of(f, "block");
+                f[i]["block"][5] = (1u64 << 40).into();
+            }),
+            &["not a node inside a metadata chunk"],
+        ),
+        (
+            "two tree blocks at one address",
+            Box::new(|_, f| {
+                let i = line_of(f, "block");
+                let x = f[i].clone();
+                f.insert(i + 1, x);
+            }),
+            &["two tree blocks at"],
+        ),
+        (
+            "a file line among the block lines",
+            Box::new(|_, f| {
+                let x = f[0].clone();
+                f.push(x);
+            }),
+            &["a file line after the entry or block lines"],
         ),
     ];
     for (what, edit, fragments) in cases {

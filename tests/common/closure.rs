@@ -81,6 +81,7 @@ impl Closure {
         fs::write(etc.join("hostname"), b"appliance\n").unwrap();
         set_mtime(&etc.join("hostname"), 1_690_000_000);
         symlink("/nix/store", etc.join("store-link")).unwrap();
+        set_mtime(&etc.join("store-link"), 1_700_000_000);
         for d in ["etc/ssh", "etc", "nix/store", "nix", ""] {
             set_mtime(&root.join(d), 1_700_000_000);
         }
@@ -155,6 +156,7 @@ fn write_store_path(root: &Path, p: StorePath) {
     if rng.random_bool(0.3) {
         fs::create_dir_all(dir.join("lib")).unwrap();
         symlink("file-0", dir.join("lib/link")).unwrap();
+        set_mtime(&dir.join("lib/link"), 1);
     }
     // Directories carry the store's mtime too, deepest first.
     let mut dirs = vec![dir.clone()];
