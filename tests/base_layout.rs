@@ -439,7 +439,10 @@ fn an_update_keeps_the_uuid_and_reads_version_1_records() {
         &["--base-layout", s(&old), "--write-layout", s(&l_old)],
     );
     let (a, b) = (read_record(&l_new), read_record(&l_old));
-    assert_eq!(a.files, b.files, "the same data placement from either version");
+    assert_eq!(
+        a.files, b.files,
+        "the same data placement from either version"
+    );
     assert_eq!(a.header.fsid, b.header.fsid);
 }
 

@@ -279,10 +279,20 @@ fn a_five_percent_update_of_a_closure_rewrites_little() {
     let m = LoopMount::new(&i1, false);
     let inos_v1 = inode_numbers(m.path());
     m.unmount();
-    let common: Vec<&String> = inos_v2.keys().filter(|p| inos_v1.contains_key(*p)).collect();
+    let common: Vec<&String> = inos_v2
+        .keys()
+        .filter(|p| inos_v1.contains_key(*p))
+        .collect();
     assert!(common.len() > 3000, "{} entries in both", common.len());
-    let renumbered: Vec<&&String> = common.iter().filter(|p| inos_v1[**p] != inos_v2[**p]).collect();
-    assert!(renumbered.is_empty(), "renumbered: {:?}", &renumbered[..renumbered.len().min(5)]);
+    let renumbered: Vec<&&String> = common
+        .iter()
+        .filter(|p| inos_v1[**p] != inos_v2[**p])
+        .collect();
+    assert!(
+        renumbered.is_empty(),
+        "renumbered: {:?}",
+        &renumbered[..renumbered.len().min(5)]
+    );
     let again = dir.join("again.img");
     export_sources(Some(&v2), &again, &a);
     assert!(
@@ -322,7 +332,10 @@ fn a_five_percent_update_of_a_closure_rewrites_little() {
     // when measured: the store directory's, the removed and added store
     // paths', and the extent, csum and small trees').
     let tree = tree_block_indexes(&r2);
-    let tree_changed = tree.iter().filter(|b| diff.binary_search(b).is_ok()).count();
+    let tree_changed = tree
+        .iter()
+        .filter(|b| diff.binary_search(b).is_ok())
+        .count();
     assert!(
         tree_changed as f64 <= 0.4 * tree.len() as f64,
         "{tree_changed} of v2's {} tree block 4 KiB blocks differ from v1",

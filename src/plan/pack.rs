@@ -5,7 +5,11 @@
 //! base block of the same level began (before the first item or child at
 //! or past that block's first key), so a change moves block bounds only up
 //! to the next such anchor and the blocks between unchanged anchors hold
-//! what they held.
+//! what they held. Two neighbours that together fit one block are then one
+//! block (a leaf that lost most of its items joins the next): blocks stay
+//! at least half full on average however many updates follow. Greedy
+//! blocks never fit with their neighbour, so without anchors nothing
+//! changes.
 //!
 //! This is also the one place where every item of every tree meets the leaf it
 //! must fit in: an item larger than a leaf's largest item (the kernel's
@@ -108,6 +112,7 @@ pub fn pack_anchored(
     let at_level = |l: usize| anchors.get(l).unwrap_or(&none);
     let mut leaves = vec![0u64];
     let mut leaf_keys = Vec::new();
+    let mut fills = Vec::new();
     let mut used = 0usize;
     let mut n = 0u64;
     let mut at = 0usize;
@@ -125,6 +130,7 @@ pub fn pack_anchored(
         let anchor = anchored(at_level(0), &mut at, item.key);
         if (used + need > cap || anchor) && used > 0 {
             leaves.push(n);
+            fills.push(used);
             used = 0;
         }
         if used == 0 {
@@ -133,17 +139,22 @@ pub fn pack_anchored(
         used += need;
         n += 1;
     }
+    fills.push(used);
+    if !at_level(0).is_empty() && n > 0 {
+        merge_small(&mut leaves, &mut leaf_keys, &fills, cap);
+    }
     let mut levels = vec![leaves];
     let mut keys = vec![leaf_keys];
     let per_node = node_ptrs_per_block(nodesize);
     while levels.last().map_or(1, Vec::len) > 1 {
         let below = keys.last().expect("a key per block below");
         let anchors = at_level(levels.len());
-        let (mut starts, mut firsts) = (Vec::new(), Vec::new());
+        let (mut starts, mut firsts, mut fills) = (Vec::new(), Vec::new(), Vec::new());
         let (mut count, mut at) = (0usize, 0usize);
         for (j, &k) in below.iter().enumerate() {
             let anchor = anchored(anchors, &mut at, k);
             if count == per_node || (anchor && count > 0) {
+                fills.push(count);
                 count = 0;
             }
             if count == 0 {
@@ -151,6 +162,10 @@ pub fn pack_anchored(
                 firsts.push(k);
             }
             count += 1;
+        }
+        fills.push(count);
+        if !anchors.is_empty() {
+            merge_small(&mut starts, &mut firsts, &fills, per_node);
         }
         levels.push(starts);
         keys.push(firsts);
@@ -160,6 +175,28 @@ pub fn pack_anchored(
         items: n,
         keys,
     })
+}
+
+/// Joins each block with the next while both fit in one (`fills[i]` is
+/// block `i`'s use, `cap` a block's room), left to right.
+fn merge_small(starts: &mut Vec<u64>, keys: &mut Vec<Key>, fills: &[usize], cap: usize) {
+    debug_assert_eq!(starts.len(), fills.len());
+    let (mut s, mut k) = (
+        Vec::with_capacity(starts.len()),
+        Vec::with_capacity(keys.len()),
+    );
+    let mut cur = 0usize;
+    for i in 0..starts.len() {
+        if i > 0 && cur + fills[i] <= cap {
+            cur += fills[i];
+            continue;
+        }
+        s.push(starts[i]);
+        k.push(keys[i]);
+        cur = fills[i];
+    }
+    *starts = s;
+    *keys = k;
 }
 
 #[cfg(test)]
@@ -257,6 +294,27 @@ mod tests {
             assert!(s.keys[0].contains(k), "{k:?} still starts a leaf");
         }
         assert!(s.levels[0].len() <= g.len() + 2);
+        // Two leaves that lost most of their items become one.
+        let (l1, l2) = (greedy.levels[0][1] as usize, greedy.levels[0][2] as usize);
+        let l3 = greedy.levels[0][3] as usize;
+        let kept: Vec<Key> = keys
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !(l1..l3).contains(&i) || i == l1 || i == l2)
+            .map(|(_, k)| *k)
+            .collect();
+        let mut w = items(&vec![1000; kept.len()]);
+        for (it, k) in w.0.iter_mut().zip(&kept) {
+            it.key = *k;
+        }
+        let t = pack_anchored(&w, 4096, std::slice::from_ref(&anchors)).unwrap();
+        assert_eq!(t.levels[0].len(), anchors.len() - 1, "one leaf fewer");
+        assert!(!t.keys[0].contains(&anchors[2]));
+        assert_eq!(
+            t.keys[0][3..],
+            anchors[4..],
+            "the leaves after them are as they were"
+        );
         // Unknown anchors change nothing.
         let none =
             pack_anchored(&items(&vec![1000; 40]), 4096, &[vec![Key::new(99, 9, 9)]]).unwrap();
