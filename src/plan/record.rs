@@ -93,14 +93,19 @@ pub struct FileRecord {
     pub extents: Vec<ExtentRecord>,
 }
 
+/// A recorded path as bytes: `path`, or `path_bytes` when not UTF-8.
+fn path_of(path: &Option<String>, bytes: &Option<Vec<u8>>) -> Vec<u8> {
+    match (path, bytes) {
+        (Some(p), _) => p.as_bytes().to_vec(),
+        (None, Some(b)) => b.clone(),
+        (None, None) => Vec::new(),
+    }
+}
+
 impl FileRecord {
     /// The image path as bytes.
     pub fn path(&self) -> Vec<u8> {
-        match (&self.path, &self.path_bytes) {
-            (Some(p), _) => p.as_bytes().to_vec(),
-            (None, Some(b)) => b.clone(),
-            (None, None) => Vec::new(),
-        }
+        path_of(&self.path, &self.path_bytes)
     }
 }
 
@@ -115,12 +120,9 @@ pub struct EntryRecord {
 }
 
 impl EntryRecord {
+    /// The image path as bytes.
     pub fn path(&self) -> Vec<u8> {
-        match (&self.path, &self.path_bytes) {
-            (Some(p), _) => p.as_bytes().to_vec(),
-            (None, Some(b)) => b.clone(),
-            (None, None) => Vec::new(),
-        }
+        path_of(&self.path, &self.path_bytes)
     }
 }
 

@@ -10,14 +10,18 @@ pub fn read_record(p: &Path) -> Record {
     record::read(BufReader::new(fs::File::open(p).unwrap())).expect("a valid record")
 }
 
-/// Where logical address `logical` is in the image (first stripe).
-pub fn physical(r: &Record, logical: u64) -> u64 {
-    let c = r
-        .header
+/// The recorded chunk holding logical address `logical`.
+fn chunk_of(r: &Record, logical: u64) -> &record::ChunkRecord {
+    r.header
         .chunks
         .iter()
         .find(|c| c.logical <= logical && logical < c.logical + c.length)
-        .expect("in a chunk");
+        .expect("in a chunk")
+}
+
+/// Where logical address `logical` is in the image (first stripe).
+pub fn physical(r: &Record, logical: u64) -> u64 {
+    let c = chunk_of(r, logical);
     c.stripes[0] + (logical - c.logical)
 }
 
@@ -34,12 +38,7 @@ pub fn tree_block_indexes(r: &Record) -> Vec<u64> {
     let mut out = Vec::new();
     for b in &r.blocks {
         let logical = b.block.5;
-        let c = r
-            .header
-            .chunks
-            .iter()
-            .find(|c| c.logical <= logical && logical < c.logical + c.length)
-            .expect("a tree block in a chunk");
+        let c = chunk_of(r, logical);
         for s in &c.stripes {
             let first = (s + logical - c.logical) / 4096;
             out.extend(first..first + n / 4096);
