@@ -130,6 +130,10 @@ fn unchanged_files_keep_their_extents_and_new_data_fills_freed_space() {
     let same = work.path().join("same.img");
     export_with(&v1, &same, &["--base-layout", s(&l1)]);
     assert!(fs::read(&same).unwrap() == fs::read(&i1).unwrap());
+    let (kept, all) = kept_tree_blocks(&v1, &l1);
+    assert_eq!(kept, all, "nothing changed: every tree block where it was");
+    let (kept, all) = kept_tree_blocks(&v2, &l1);
+    assert!(kept * 2 > all, "{kept} of {all} tree blocks kept");
 
     // Unchanged files: the same extents. Changed or new ones: elsewhere,
     // but inside v1's data chunks (the freed space holds them).
@@ -279,6 +283,28 @@ fn first_extent(files: &mut [serde_json::Value]) -> usize {
         .iter()
         .position(|f| f["extents"].as_array().is_some_and(|e| !e.is_empty()))
         .unwrap()
+}
+
+/// `plan`'s count of tree blocks at their base addresses, and of all.
+fn kept_tree_blocks(src: &Path, base: &Path) -> (u64, u64) {
+    let mut args = fixed_args(UUID);
+    args.extend(["--base-layout", s(base)]);
+    let out = run_ok(
+        Command::new(btrfsimg_bin())
+            .arg("plan")
+            .arg(src)
+            .args(&args),
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("tree blocks at their base"))
+        .unwrap_or_else(|| panic!("no tree block line in {out}"));
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse().unwrap())
+        .collect();
+    (n[0], n[1])
 }
 
 /// The numbers of `plan`'s `update:` line: kept, in freed space, after

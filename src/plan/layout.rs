@@ -79,6 +79,8 @@ pub struct Layout {
     pub dev_items: VecItems,
     /// Physical end of the last chunk stripe.
     pub end: u64,
+    /// Blocks at the address of the base block they take the place of.
+    pub kept_blocks: usize,
 }
 
 /// Metadata headroom so the image, at its exact size, can be mounted read-write
@@ -338,6 +340,7 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
             block_group_items,
             dev_items,
             end,
+            kept_blocks: claimed.len(),
         });
     }
     Err(Error::msg(

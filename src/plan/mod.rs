@@ -152,6 +152,8 @@ pub struct Plan {
     pub by_logical: Arc<Vec<u32>>,
     /// With a base layout: where the data went.
     pub update: Option<data::UpdateStats>,
+    /// With a base layout: tree blocks at their base blocks' addresses.
+    pub kept_tree_blocks: usize,
     pub trees: Vec<TreePlan>,
     /// Every tree block, sorted by logical address.
     pub blocks: Vec<BlockRef>,
@@ -210,6 +212,13 @@ impl Plan {
             );
         }
         let total_blocks: usize = self.trees.iter().map(|t| t.shape.blocks()).sum();
+        if self.update.is_some() {
+            let _ = writeln!(
+                s,
+                "update: {} of {} tree blocks at their base blocks' addresses",
+                self.kept_tree_blocks, total_blocks
+            );
+        }
         let _ = writeln!(
             s,
             "tree blocks: {} ({:.2} MiB): {}",
@@ -912,6 +921,7 @@ fn assemble(a: Assembly) -> Result<Plan> {
         extents: a.data.extents,
         by_logical: a.data.by_logical,
         update: a.data.update,
+        kept_tree_blocks: lay.kept_blocks,
         trees,
         blocks,
         chunks,
