@@ -1,5 +1,5 @@
 //! The content pass: what only file bytes can tell, learned before any
-//! address is fixed. Every regular file is read once, in inode order, on all
+//! address is fixed. Every regular file is read once, in tree order, on all
 //! cores. With compression, each piece of at most 128 KiB is compressed to
 //! learn its size; with dedupe, every file's content is hashed and a file
 //! whose bytes equal an earlier file's shares that file's extents. The result
@@ -136,7 +136,7 @@ pub struct ContentOptions {
     pub inode_flags: Arc<crate::plan::inode_flags::InodeFlags>,
 }
 
-/// Told, in inode order, every piece and its bytes as they will be on disk
+/// Told, in tree order, every piece and its bytes as they will be on disk
 /// before the zero padding (the payload, or the file's bytes of a raw piece),
 /// so that a frontend writing them now need not make them again; and told
 /// when the pieces of the file last given turned out to duplicate an earlier

@@ -521,7 +521,7 @@ pub fn write_file(image: &Image, path: &Path, overwrite: bool, opts: &ExportOpti
 }
 
 /// A file export whose data region is written by the content pass itself:
-/// placement is incremental in inode order, so each piece can go to where
+/// placement is incremental in tree order, so each piece can go to where
 /// the plan will put it as soon as it is made, its sector checksums recorded.
 /// No payload is kept in memory or made twice, and each source byte is read
 /// once. `finish` then checks that the plan placed every extent where the

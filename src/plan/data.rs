@@ -1,5 +1,5 @@
 //! Data placement: every regular file's data segments become extents packed
-//! back to back in DATA chunks, in inode order, so a sequential read of the image
+//! back to back in DATA chunks, in tree order, so a sequential read of the image
 //! reads each source file once, front to back. With a base layout, unchanged
 //! files keep their extents and new data fills the space the base freed
 //! before the data area grows, so an update rewrites little of the image.
@@ -149,8 +149,8 @@ impl DataAllocator {
         }
     }
 
-    /// Where `node` comes in placement order: tree by tree, in node (=
-    /// inode) order within each.
+    /// Where `node` comes in placement order: tree by tree, in node (tree)
+    /// order within each (inode numbers need not follow it).
     fn rank(&self, node: u32) -> u64 {
         let t = self.tree_of.get(node as usize).copied().unwrap_or(0) as u64;
         (t << 32) | node as u64

@@ -355,7 +355,7 @@ impl FsItems {
         })
     }
 
-    /// The source nodes of the inodes whose data goes into extents, in inode order.
+    /// The source nodes of the inodes whose data goes into extents, in node (tree) order.
     pub fn extent_files(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self
             .inodes

@@ -146,7 +146,7 @@ pub struct Plan {
     pub source: Arc<SourceTree>,
     /// The content pass's result (compressed sizes, kept payloads), if any.
     pub content: Option<Arc<ContentIndex>>,
-    /// Every data extent, in placement order (tree by tree, inode by inode).
+    /// Every data extent, in placement order (tree by tree, file by file in tree order).
     pub extents: Arc<Vec<DataExtent>>,
     /// Indexes of `extents` by logical address.
     pub by_logical: Arc<Vec<u32>>,
@@ -306,7 +306,7 @@ impl Ids {
 
 /// File data placed in DATA chunks.
 struct Placement {
-    /// In placement order: tree by tree, inode by inode.
+    /// In placement order: tree by tree, file by file in tree order.
     extents: Arc<Vec<DataExtent>>,
     /// Indexes of `extents` by logical address.
     by_logical: Arc<Vec<u32>>,
@@ -320,7 +320,7 @@ struct Placement {
     update: Option<data::UpdateStats>,
 }
 
-/// Packs every regular file's data, tree by tree in inode order: as the
+/// Packs every regular file's data, tree by tree in tree order: as the
 /// content pass cut it, or (without one) as its data segments; from
 /// `space::DATA_START`, or into a base layout's free space and then after
 /// it.
@@ -520,7 +520,7 @@ pub fn build_with(
     let tree = Arc::new(source);
     let content = content.map(Arc::new);
 
-    // Subvolumes, inodes, then data placement tree by tree in inode order.
+    // Subvolumes, inodes, then data placement tree by tree in tree order.
     let (part, warnings) = subvol::resolve(
         &tree,
         &opts.subvolumes,
