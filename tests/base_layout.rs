@@ -285,41 +285,31 @@ fn first_extent(files: &mut [serde_json::Value]) -> usize {
         .unwrap()
 }
 
+/// The numbers of the first line of `plan`'s summary that `pick` takes.
+fn plan_numbers(src: &Path, args: &[&str], pick: impl Fn(&str) -> bool) -> Vec<u64> {
+    let out = run_ok(Command::new(btrfsimg_bin()).arg("plan").arg(src).args(args));
+    let line = out
+        .lines()
+        .find(|l| pick(l))
+        .unwrap_or_else(|| panic!("no such line in {out}"));
+    line.split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse().unwrap())
+        .collect()
+}
+
 /// `plan`'s count of tree blocks at their base addresses, and of all.
 fn kept_tree_blocks(src: &Path, base: &Path) -> (u64, u64) {
     let mut args = fixed_args(UUID);
     args.extend(["--base-layout", s(base)]);
-    let out = run_ok(
-        Command::new(btrfsimg_bin())
-            .arg("plan")
-            .arg(src)
-            .args(&args),
-    );
-    let line = out
-        .lines()
-        .find(|l| l.contains("tree blocks at their base"))
-        .unwrap_or_else(|| panic!("no tree block line in {out}"));
-    let n: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .map(|w| w.parse().unwrap())
-        .collect();
+    let n = plan_numbers(src, &args, |l| l.contains("tree blocks at their base"));
     (n[0], n[1])
 }
 
 /// The numbers of `plan`'s `update:` line: kept, in freed space, after
 /// the base, free left.
 fn update_line(src: &Path, args: &[&str]) -> (u64, u64, u64, u64) {
-    let out = run_ok(Command::new(btrfsimg_bin()).arg("plan").arg(src).args(args));
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("update: "))
-        .unwrap_or_else(|| panic!("no update line in {out}"));
-    let n: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|w| !w.is_empty())
-        .map(|w| w.parse().unwrap())
-        .collect();
+    let n = plan_numbers(src, args, |l| l.starts_with("update: "));
     // N files keep B bytes; X in freed space, Y after the base; Z free.
     (n[1], n[2], n[3], n[4])
 }

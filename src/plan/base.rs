@@ -504,10 +504,7 @@ fn file(f: &FileRecord, data_chunks: &[Chunk]) -> std::result::Result<BaseFile, 
         }) else {
             return Err(format!("{at}: not inside a data chunk"));
         };
-        if c.excluded()
-            .iter()
-            .any(|x| logical < x.start + x.len && x.start < e.end())
-        {
+        if c.excluded().iter().any(|x| x.overlaps(logical, disk)) {
             return Err(format!("{at}: on a superblock mirror"));
         }
         extents.push(e);

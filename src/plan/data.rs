@@ -85,6 +85,13 @@ pub struct Excluded {
     pub len: u64,
 }
 
+impl Excluded {
+    /// Whether `[a, a + len)` touches this range.
+    pub fn overlaps(&self, a: u64, len: u64) -> bool {
+        a < self.start + self.len && self.start < a + len
+    }
+}
+
 /// Places extents: into the free space of a base layout's data chunks first
 /// (lowest address first), then appended to the data area, cutting them at
 /// chunk boundaries and around excluded ranges. Files unchanged since the
@@ -362,11 +369,7 @@ impl DataAllocator {
     /// a chunk end or an excluded range.
     fn fit(&mut self, len: u64) -> u64 {
         loop {
-            if let Some(x) = self
-                .excluded
-                .iter()
-                .find(|x| x.start < self.pos + len && self.pos < x.start + x.len)
-            {
+            if let Some(x) = self.excluded.iter().find(|x| x.overlaps(self.pos, len)) {
                 self.pos = x.start + x.len;
                 continue;
             }

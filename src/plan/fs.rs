@@ -129,8 +129,6 @@ pub struct FsItems {
     /// Extent ranges of the shared sources, once placed.
     shared_ranges: BTreeMap<u32, (u32, u32)>,
     extents: Arc<Vec<DataExtent>>,
-    /// End of this tree's own extents in `extents`.
-    ext_end: u32,
     /// What the content pass decided, when there was one.
     content: Option<Arc<ContentIndex>>,
     policy: InodePolicy,
@@ -348,7 +346,6 @@ impl FsItems {
             shared,
             shared_ranges: BTreeMap::new(),
             extents: Arc::new(Vec::new()),
-            ext_end: 0,
             content,
             policy,
             items: 0,
@@ -376,13 +373,11 @@ impl FsItems {
         self.shared.values().copied()
     }
 
-    /// Attaches the placed data extents: this tree's own are `own` (in inode
-    /// order), `ranges` gives those of every shared source; computes item
-    /// indexes.
+    /// Attaches the placed data extents: `ranges` gives every file's
+    /// (its own and those of the shared sources); computes item indexes.
     pub fn set_extents(
         &mut self,
         extents: Arc<Vec<DataExtent>>,
-        own: std::ops::Range<usize>,
         ranges: &BTreeMap<u32, (u32, u32)>,
     ) {
         self.shared_ranges = self
@@ -390,20 +385,11 @@ impl FsItems {
             .values()
             .map(|&src| (src, ranges.get(&src).copied().unwrap_or((0, 0))))
             .collect();
-        // Extents come in node order, each file's together.
-        let mut by_node: BTreeMap<u32, (u32, u32)> = BTreeMap::new();
-        let mut e = own.start;
-        while e < own.end {
-            let (node, s) = (extents[e].node, e);
-            while e < own.end && extents[e].node == node {
-                e += 1;
-            }
-            by_node.insert(node, (s as u32, (e - s) as u32));
-        }
         let mut next = 0u64;
         for idx in 0..self.inodes.len() {
             let node = self.inodes[idx].node;
-            let (start, len) = by_node.get(&node).copied().unwrap_or((own.end as u32, 0));
+            let (start, end) = ranges.get(&node).copied().unwrap_or((0, 0));
+            let len = end - start;
             self.inodes[idx].ext_start = start;
             self.inodes[idx].ext_len = len;
             self.inodes[idx].set_first_item(next);
@@ -424,7 +410,6 @@ impl FsItems {
                 };
         }
         self.extents = extents;
-        self.ext_end = own.end as u32;
         self.items = next;
     }
 

@@ -44,10 +44,9 @@ pub struct LayoutInput<'a> {
 /// chunks first (new ones follow only when they are full), and the chunk
 /// tree stays in the system chunk while it fits with its headroom.
 ///
-/// A block whose first key began a base block of the same tree and level
-/// keeps that block's address when it is a free slot of a kept chunk: with
-/// anchored packing, a leaf of unchanged items comes out byte for byte
-/// where it was.
+/// A block keeps the address of the base block it takes the place of when
+/// that is a free slot of a kept chunk: with anchored packing, a leaf of
+/// unchanged items comes out byte for byte where it was.
 #[derive(Clone, Copy)]
 pub struct Kept<'a> {
     pub metadata: &'a [Chunk],
@@ -213,7 +212,7 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
 
         // Pinned blocks first (at their base addresses), then the rest:
         // each tree's leaves first, then each node level, root last.
-        let pins = input.keep.map_or_else(Vec::new, |k| {
+        let (pins, claimed) = input.keep.map_or_else(Default::default, |k| {
             let kept_sys: &[Chunk] = match system_kept {
                 true => std::slice::from_ref(&system),
                 false => &[],
@@ -226,8 +225,6 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
                 n64,
             )
         });
-        let claimed: std::collections::BTreeSet<u64> =
-            pins.iter().flatten().flatten().flatten().copied().collect();
         let mut blocks: Vec<BlockInfo> = Vec::new();
         let mut addrs: Vec<Vec<Vec<u64>>> = Vec::with_capacity(shapes.len());
         let mut meta_slots = Slots::new(&metas, n64, &claimed);
@@ -302,13 +299,9 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
                 ))
             }
         };
-        let anchors = |t: TreeId| {
-            input
-                .keep
-                .map_or_else(Vec::new, |k| k.base.anchors(t.objectid()))
-        };
+        let base = input.keep.map(|k| k.base);
         let pack = |items: &dyn super::items::ItemSource, t: TreeId| {
-            pack_anchored(items, input.nodesize, &anchors(t)).map_err(internal(t))
+            pack_anchored(items, input.nodesize, &super::anchors(base, t)).map_err(internal(t))
         };
         let mut new = vec![
             pack(&extent_items, TreeId::Extent)?,
@@ -348,31 +341,32 @@ pub fn solve(input: &LayoutInput) -> Result<Layout> {
     ))
 }
 
-/// For every block of every tree: the base address it keeps, if any. A
-/// block keeps the address of the base block of its tree and level with
-/// the same first key when that address is a node slot of a kept chunk
-/// (of the block's kind: the chunk tree lives in the system chunk) that no
-/// block before it in allocation order claimed.
+/// `pins[tree][level][i]`: the base address block `i` keeps, if any.
+type Pins = Vec<Vec<Vec<Option<u64>>>>;
+
+/// For every block of every tree: the base address it keeps, if any, and
+/// the set of those addresses. A block keeps the address of the base block
+/// it takes the place of (of its tree and level, the last whose first key
+/// is at or before its own) when that address is a node slot of a kept
+/// chunk (of the block's kind: the chunk tree lives in the system chunk)
+/// that no block before it in allocation order claimed.
 fn pins(
     shapes: &[&Shape],
     tree_ids: &[TreeId],
     base: &super::base::Base,
     (kept_meta, kept_sys): (&[Chunk], &[Chunk]),
     n64: u64,
-) -> Vec<Vec<Vec<Option<u64>>>> {
+) -> (Pins, std::collections::BTreeSet<u64>) {
     let mut claimed = std::collections::BTreeSet::new();
     let slot_ok = |chunks: &[Chunk], a: u64| {
         chunks.iter().any(|c| {
             a >= c.logical
                 && a + n64 <= c.end()
                 && (a - c.logical) % n64 == 0
-                && !c
-                    .excluded()
-                    .iter()
-                    .any(|x| a < x.start + x.len && x.start < a + n64)
+                && !c.excluded().iter().any(|x| x.overlaps(a, n64))
         })
     };
-    shapes
+    let pins = shapes
         .iter()
         .zip(tree_ids)
         .map(|(s, id)| {
@@ -394,7 +388,8 @@ fn pins(
                 })
                 .collect()
         })
-        .collect()
+        .collect();
+    (pins, claimed)
 }
 
 /// Hands out node-sized slots of a run of chunks in order, past the
@@ -439,12 +434,7 @@ impl<'a> Slots<'a> {
             let a = self.pos;
             self.pos += self.nodesize;
             let n = self.nodesize;
-            if self.claimed.contains(&a)
-                || self
-                    .excluded
-                    .iter()
-                    .any(|x| a < x.start + x.len && x.start < a + n)
-            {
+            if self.claimed.contains(&a) || self.excluded.iter().any(|x| x.overlaps(a, n)) {
                 continue;
             }
             return Some(a);

@@ -310,8 +310,6 @@ struct Placement {
     extents: Arc<Vec<DataExtent>>,
     /// Indexes of `extents` by logical address.
     by_logical: Arc<Vec<u32>>,
-    /// Each fs tree's own extents, in `extents`.
-    own: Vec<std::ops::Range<usize>>,
     chunks: Vec<Chunk>,
     /// Past the last data extent.
     end: u64,
@@ -332,9 +330,7 @@ fn place_data(
     opts: &Options,
 ) -> Result<Placement> {
     let mut alloc = DataAllocator::for_tree(tree, opts.base.as_deref(), tree_of);
-    let mut own = Vec::with_capacity(fs_trees.len());
     for fs in fs_trees {
-        let first = alloc.extents.len();
         for node in fs.extent_files() {
             match content.and_then(|c| c.stored(node)) {
                 Some(Stored::Pieces { first, count }) => {
@@ -344,7 +340,6 @@ fn place_data(
                 _ => alloc.place(node, tree.segments(node)),
             }
         }
-        own.push(first..alloc.extents.len());
     }
     if alloc.extents.len() >= u32::MAX as usize {
         return Err(Error::msg(format!(
@@ -397,33 +392,23 @@ fn place_data(
         update,
         extents: Arc::new(extents),
         by_logical: Arc::new(by_logical),
-        own,
         chunks,
         end,
         meta_start,
     })
 }
 
-/// The extent range of each node in `sources` (a file's extents are
+/// The extent range of every file with extents (a file's extents are
 /// contiguous).
-fn shared_ranges(
-    extents: &[DataExtent],
-    sources: impl Iterator<Item = u32>,
-) -> std::collections::BTreeMap<u32, (u32, u32)> {
-    let wanted: std::collections::BTreeSet<u32> = sources.collect();
+fn file_ranges(extents: &[DataExtent]) -> std::collections::BTreeMap<u32, (u32, u32)> {
     let mut ranges = std::collections::BTreeMap::new();
-    if wanted.is_empty() {
-        return ranges;
-    }
     let mut i = 0;
     while i < extents.len() {
         let (node, first) = (extents[i].node, i);
         while i < extents.len() && extents[i].node == node {
             i += 1;
         }
-        if wanted.contains(&node) {
-            ranges.insert(node, (first as u32, i as u32));
-        }
+        ranges.insert(node, (first as u32, i as u32));
     }
     ranges
 }
@@ -459,10 +444,8 @@ fn pack_input(
 }
 
 /// Where a base layout's blocks of tree `id` began (none without a base).
-fn anchors(opts: &Options, id: TreeId) -> Vec<Vec<Key>> {
-    opts.base
-        .as_deref()
-        .map_or_else(Vec::new, |b| b.anchors(id.objectid()))
+fn anchors(base: Option<&base::Base>, id: TreeId) -> Vec<Vec<Key>> {
+    base.map_or_else(Vec::new, |b| b.anchors(id.objectid()))
 }
 
 fn pack_internal(
@@ -571,12 +554,9 @@ pub fn build_with(
             "internal error: the content pass compressed a file without checksums",
         ));
     }
-    let ranges = shared_ranges(
-        &data.extents,
-        fs_trees.iter().flat_map(|t| t.shared_sources()),
-    );
-    for (t, own) in fs_trees.iter_mut().zip(&data.own) {
-        t.set_extents(data.extents.clone(), own.clone(), &ranges);
+    let ranges = file_ranges(&data.extents);
+    for t in fs_trees.iter_mut() {
+        t.set_extents(data.extents.clone(), &ranges);
     }
     let owners = fs::owners(&fs_trees);
     let subvols = subvol_roots(&tree, &part, &ids);
@@ -588,9 +568,12 @@ pub fn build_with(
     for t in &fs_trees {
         fs_shapes.push((
             TreeId::Fs(t.objectid()),
-            pack_input(t, nodesize, &anchors(opts, TreeId::Fs(t.objectid())), |o| {
-                t.oversized(o, nodesize)
-            })?,
+            pack_input(
+                t,
+                nodesize,
+                &anchors(opts.base.as_deref(), TreeId::Fs(t.objectid())),
+                |o| t.oversized(o, nodesize),
+            )?,
         ));
     }
     let csum = trees::csum_tree(
@@ -600,7 +583,12 @@ pub fn build_with(
         opts.csum,
         &|n| flags.nodatasum(&tree, n),
     );
-    let csum_shape = pack_internal(TreeId::Csum, &csum, nodesize, &anchors(opts, TreeId::Csum))?;
+    let csum_shape = pack_internal(
+        TreeId::Csum,
+        &csum,
+        nodesize,
+        &anchors(opts.base.as_deref(), TreeId::Csum),
+    )?;
     let uuid_items = trees::uuid_tree(
         &part
             .subvols
@@ -629,7 +617,7 @@ pub fn build_with(
         TreeId::Root,
         &root_items(&placeholder),
         nodesize,
-        &anchors(opts, TreeId::Root),
+        &anchors(opts.base.as_deref(), TreeId::Root),
     )?;
     let mut fixed = fs_shapes;
     fixed.extend([
@@ -798,7 +786,9 @@ fn assemble(a: Assembly) -> Result<Plan> {
         (TreeId::Chunk, &chunk_items as &dyn ItemSource),
         (TreeId::Root, &root_items),
     ] {
-        if pack_internal(id, items, nodesize, &anchors(a.opts, id))? != lay.trees[position(id)].1 {
+        if pack_internal(id, items, nodesize, &anchors(a.opts.base.as_deref(), id))?
+            != lay.trees[position(id)].1
+        {
             return Err(Error::msg(format!(
                 "internal error: the {} tree changed shape after layout",
                 id.name()

@@ -279,13 +279,7 @@ pub fn write(plan: &Plan, out: &mut dyn Write) -> io::Result<()> {
         }
         for (level, addrs) in t.addrs.iter().enumerate() {
             for (i, &logical) in addrs.iter().enumerate() {
-                let first = t.shape.first_item(level, i);
-                let key = t
-                    .items
-                    .iter_from(first)
-                    .next()
-                    .expect("every block of a tree with items has a first item")
-                    .key;
+                let key = t.shape.keys[level][i];
                 let rec = BlockRecord {
                     block: (
                         t.id.objectid(),

@@ -196,11 +196,7 @@ pub fn block_slots(chunk: &Chunk, nodesize: u64) -> impl Iterator<Item = u64> {
     let logical = chunk.logical;
     (0..chunk.length / nodesize)
         .map(move |i| logical + i * nodesize)
-        .filter(move |a| {
-            !excl
-                .iter()
-                .any(|x| *a < x.start + x.len && x.start < *a + nodesize)
-        })
+        .filter(move |a| !excl.iter().any(|x| x.overlaps(*a, nodesize)))
 }
 
 /// What fills a physical range of the image.
