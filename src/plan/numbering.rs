@@ -14,7 +14,7 @@
 
 use crate::source::SourceTree;
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::OsStringExt;
 
 /// The first inode number of every tree (its root directory).
 pub const ROOT_INO: u64 = 256;
@@ -111,13 +111,10 @@ pub fn number(
 ) -> Numbering {
     let n = tree.len();
     let base = base.filter(|b| !b.entries.is_empty());
-    let paths: Vec<Vec<u8>> = match base {
-        Some(_) => (0..n as u32)
-            .map(|i| tree.image_path(i).as_os_str().as_bytes().to_vec())
-            .collect(),
-        None => Vec::new(),
-    };
-    let recorded = |i: u32| base.and_then(|b| b.entries.get(&paths[i as usize]));
+    // Paths are made when looked up (at most twice a node), not kept: the
+    // base's own table is the one copy of every path in memory.
+    let path = |i: u32| tree.image_path(i).into_os_string().into_vec();
+    let recorded = |i: u32| base.and_then(|b| b.entries.get(&path(i)));
 
     // Inodes: (number, first node) per tree.
     let mut per_tree: Vec<Vec<(u64, u32)>> = vec![Vec::new(); tree_ids.len()];
@@ -187,7 +184,7 @@ pub fn number(
             }
             let mut next = b
                 .max_index
-                .get(&paths[d as usize])
+                .get(&path(d))
                 .map_or(FIRST_INDEX - 1, |&m| m.max(FIRST_INDEX - 1));
             let mut used = BTreeSet::new();
             for c in r.clone() {
@@ -260,6 +257,7 @@ mod tests {
     use super::*;
     use crate::source::generated::Entry;
     use crate::source::Fill;
+    use std::os::unix::ffi::OsStrExt;
 
     fn tree(names: &[&str]) -> SourceTree {
         let store = names
